@@ -1,0 +1,22 @@
+"""Type aliases shared across the package.
+
+`Key` is a typed scalar PRNG key (`jax.random.key(0)`); a legacy `uint32[2]` key made
+by `jax.random.PRNGKey` does not pass it. Arrays of keys are written with jaxtyping
+directly, for example `jaxtyping.Key[Array, "chains batch"]`.
+"""
+
+from typing import TypeAlias
+
+import jaxtyping
+from jaxtyping import Array
+
+Key: TypeAlias = jaxtyping.Key[Array, ""]
+"""A typed scalar PRNG key, as made by `jax.random.key(seed)` or `eqx_rng.as_key`."""
+
+KeyGrid: TypeAlias = jaxtyping.Key[Array, "*shape"]
+"""An array of typed PRNG keys of any shape."""
+
+_LEGACY_KEY_HINT = (
+    "eqx_rng takes typed PRNG keys (`jax.random.key(seed)`), not legacy `uint32[2]` "
+    "keys from `jax.random.PRNGKey`; convert one with `eqx_rng.as_key(legacy_key)`."
+)

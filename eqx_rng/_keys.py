@@ -1,0 +1,405 @@
+"""Keys derived from names and indices, never from call order.
+
+Every function here is built from `jax.random.fold_in`, so what it returns does not
+depend on `jax_threefry_partitionable`, on the batch size, on the number of chains or
+devices, or on `PYTHONHASHSEED`.
+"""
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array, Int, PyTree
+
+from ._custom_types import Key, KeyGrid
+from ._typecheck import typecheck
+
+_U32 = 2**32
+
+
+def _is_typed_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, jax.Array | np.ndarray):
+        return f"{type(x).__name__} of shape {x.shape} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def as_key(x: Any) -> Key:
+    """Turn a seed or a key of any common form into a typed scalar PRNG key.
+
+    **Arguments:**
+
+    - `x`: A Python or NumPy integer seed (not `bool`), a typed scalar key (returned
+        unchanged), or a legacy `uint32[2]` key from `jax.random.PRNGKey` (NumPy or
+        JAX), which becomes a typed key with the same bits.
+
+    **Returns:**
+
+    A typed scalar key, `jax.random.key(seed)` for an integer seed.
+
+    **Raises:**
+
+    `TypeError` for anything else (a string, a float, an array of another shape or
+    dtype), naming what was received; `ValueError` for a batch of keys.
+
+    !!! Example
+
+        ```python
+        k = eqx_rng.as_key(0)
+        assert eqx_rng.as_key(k) is k
+        legacy = jax.random.PRNGKey(0)
+        assert (jr.key_data(eqx_rng.as_key(legacy)) == legacy).all()
+        ```
+    """
+    if isinstance(x, bool | np.bool_):
+        raise TypeError(
+            f"`as_key` takes an integer seed or a PRNG key, got the bool {x!r}; "
+            "pass an int such as `as_key(0)`."
+        )
+    if isinstance(x, int | np.integer):
+        return jr.key(int(x))
+    if _is_typed_key(x):
+        if x.shape != ():
+            raise ValueError(
+                f"`as_key` takes one key, got a batch of keys of shape {x.shape}; "
+                "index one (`keys[0]`) or map over them with `eqx_rng.vmap`."
+            )
+        return x
+    if isinstance(x, jax.Array | np.ndarray) and x.dtype == np.uint32:
+        if x.shape == (2,):
+            return jr.wrap_key_data(jnp.asarray(x))
+        if x.ndim >= 2 and x.shape[-1] == 2:
+            raise ValueError(
+                f"`as_key` takes one key, got a batch of legacy keys of shape "
+                f"{x.shape}; index one (`keys[0]`) or convert them all with "
+                "`jax.random.wrap_key_data(keys)`."
+            )
+    raise TypeError(
+        f"`as_key` takes an integer seed, a typed PRNG key or a legacy uint32[2] key, "
+        f"got {_describe(x)}; pass for example `as_key(0)` or `jax.random.key(0)`."
+    )
+
+
+def string_hash(name: str) -> int:
+    """The stable 32-bit hash `derive` folds in for a string path item.
+
+    The first 4 bytes, read as a little-endian `uint32`, of
+    `hashlib.blake2b(name.encode("utf-8"), digest_size=4)`. It never uses Python's
+    `hash`, so it does not change with `PYTHONHASHSEED`, and it is fixed forever:
+    changing it would change every named draw.
+
+    **Arguments:**
+
+    - `name`: Any string.
+
+    **Returns:**
+
+    An `int` in `[0, 2**32)`.
+
+    !!! Example
+
+        ```python
+        assert eqx_rng.string_hash("dropout") == eqx_rng.string_hash("dropout")
+        ```
+    """
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _path_item_to_u32(item: Any, position: int) -> Any:
+    if isinstance(item, str):
+        return np.uint32(string_hash(item))
+    if isinstance(item, bool | np.bool_):
+        raise TypeError(
+            f"`derive` path item {position} is the bool {item!r}; path items are "
+            "ints, integer scalar arrays or strings."
+        )
+    if isinstance(item, int | np.integer):
+        value = int(item)
+        if not -(2**31) <= value < _U32:
+            raise ValueError(
+                f"`derive` path item {position} is {value}, outside [-2**31, 2**32); "
+                "fold a larger index in as two items, e.g. `derive(k, hi, lo)`."
+            )
+        return np.uint32(value % _U32)
+    if isinstance(item, jax.Array | np.ndarray):
+        if item.shape != () or not jnp.issubdtype(item.dtype, jnp.integer):
+            raise TypeError(
+                f"`derive` path item {position} must be an integer scalar; got "
+                f"{_describe(item)}. For many indices use `grid_keys` or "
+                "`example_keys`."
+            )
+        return jnp.asarray(item).astype(jnp.uint32)
+    raise TypeError(
+        f"`derive` path items are ints, integer scalar arrays or strings; item "
+        f"{position} is {_describe(item)}."
+    )
+
+
+@typecheck
+def derive(key: Key, *path: Any) -> Key:
+    """Derive a key from a name or index path, in order, with `fold_in`.
+
+    `derive(k, a, b)` is `fold_in(fold_in(k, a), b)`. Ints and integer scalar arrays
+    (traced ones too) are folded in as `uint32` (negative values wrap, so `-1` and
+    `jnp.int32(-1)` agree); strings are folded in as `string_hash(s)`, which does not
+    depend on `PYTHONHASHSEED`. The result depends only on the key and the path:
+    never on call order, batch size or JAX flags.
+
+    **Arguments:**
+
+    - `key`: A typed scalar key.
+    - `*path`: Ints in `[-2**31, 2**32)`, integer scalar arrays, or strings.
+
+    **Returns:**
+
+    A typed scalar key; `key` itself when `path` is empty.
+
+    **Raises:**
+
+    `TypeError` for a float, bool or non-scalar path item; `ValueError` for an int
+    out of range.
+
+    !!! Example
+
+        ```python
+        k = jr.key(0)
+        step_key = eqx_rng.derive(k, "train", 7)
+        assert eqx_rng.derive(k) is k
+        ```
+    """
+    for position, item in enumerate(path):
+        key = jr.fold_in(key, _path_item_to_u32(item, position))
+    return key
+
+
+def _check_shape(shape: Any, fn: str) -> tuple[int, ...]:
+    if isinstance(shape, int | np.integer) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, Sequence) or isinstance(shape, str):
+        raise ValueError(
+            f"`{fn}` takes `shape` as a tuple of non-negative ints, got "
+            f"{_describe(shape)}."
+        )
+    for n in shape:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+            raise ValueError(
+                f"`{fn}` takes `shape` as a tuple of non-negative ints, got "
+                f"{tuple(shape)!r}."
+            )
+    return tuple(int(n) for n in shape)
+
+
+def _check_start(start: Any, shape: tuple[int, ...]) -> tuple[Any, ...]:
+    if start is None:
+        return (0,) * len(shape)
+    if isinstance(start, int | np.integer | jax.Array):
+        start = (start,)
+    if not isinstance(start, Sequence) or len(start) != len(shape):
+        n = len(start) if isinstance(start, Sequence) else "?"
+        raise ValueError(
+            f"`grid_keys` needs one `start` offset per dimension of `shape` "
+            f"{shape}: expected {len(shape)}, got {n} ({start!r})."
+        )
+    out = []
+    for d, s in enumerate(start):
+        if isinstance(s, bool) or not isinstance(s, int | np.integer | jax.Array):
+            raise ValueError(
+                f"`grid_keys` `start[{d}]` must be an int or integer scalar array, "
+                f"got {_describe(s)}."
+            )
+        if isinstance(s, int | np.integer) and s < 0:
+            raise ValueError(f"`grid_keys` `start[{d}]` must be >= 0, got {s}.")
+        if isinstance(s, jax.Array) and (
+            s.shape != () or not jnp.issubdtype(s.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"`grid_keys` `start[{d}]` must be an integer scalar, got "
+                f"{_describe(s)}."
+            )
+        out.append(s)
+    return tuple(out)
+
+
+def _fold_in_u32(key: Key, i: Array) -> Key:
+    return jr.fold_in(key, i)
+
+
+@typecheck
+def grid_keys(key: Key, shape: Any, *, start: Any = None) -> KeyGrid:
+    """A grid of keys, element `[i, j, ...]` equal to `derive(key, i, j, ...)`.
+
+    Built with one vectorised `fold_in` per dimension (no Python loop over elements).
+    With `start`, element `[i, j, ...]` is `derive(key, i + start[0], j + start[1],
+    ...)`, so a block of a larger grid can be made on its own (a device's shard, say).
+
+    Invariances: a key depends on its global index alone, so
+    `grid_keys(k, (4, 8))[:2, :3]` equals `grid_keys(k, (2, 3))` bitwise (the grid is
+    prefix-invariant: chain `c` keeps its keys when chains are added, example `b`
+    when the batch grows), and `grid_keys(k, (C, B))[c, b] == derive(k, c, b)`.
+
+    **Arguments:**
+
+    - `key`: A typed scalar key.
+    - `shape`: A tuple of non-negative ints (an int means a 1-D grid).
+    - `start`: Optional offsets, one int or integer scalar array per dimension.
+        (Keyword only argument.)
+
+    **Returns:**
+
+    A key array of shape `shape`.
+
+    **Raises:**
+
+    `ValueError` for a negative or non-integer shape, or a `start` whose length is
+    not the number of dimensions.
+
+    !!! Example
+
+        ```python
+        k = jr.key(0)
+        keys = eqx_rng.grid_keys(k, (4, 8))
+        assert keys.shape == (4, 8)
+        assert (jr.key_data(keys[1, 2]) == jr.key_data(eqx_rng.derive(k, 1, 2))).all()
+        ```
+    """
+    shape = _check_shape(shape, "grid_keys")
+    offsets = _check_start(start, shape)
+    keys = key
+    for d, (n, s) in enumerate(zip(shape, offsets, strict=True)):
+        idx = jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(s).astype(jnp.uint32)
+        fold = jax.vmap(_fold_in_u32, in_axes=(None, 0))
+        for _ in range(d):
+            fold = jax.vmap(fold, in_axes=(0, None))
+        keys = fold(keys, idx)
+    return keys
+
+
+@typecheck
+def example_keys(key: Key, ids: Int[Array, " n"]) -> KeyGrid:
+    """One key per global example id: `derive(key, id)` for each id.
+
+    A key depends on the example's id alone, so it is the same whatever the batch
+    size, the shuffling, or the position of the example in its batch.
+
+    **Arguments:**
+
+    - `key`: A typed scalar key.
+    - `ids`: A 1-D integer array of example ids.
+
+    **Returns:**
+
+    A key array of shape `ids.shape`.
+
+    !!! Example
+
+        ```python
+        k = jr.key(0)
+        keys = eqx_rng.example_keys(k, jnp.array([7, 3]))
+        assert (jr.key_data(keys[0]) == jr.key_data(eqx_rng.derive(k, 7))).all()
+        ```
+    """
+    return jax.vmap(_fold_in_u32, in_axes=(None, 0))(key, ids.astype(jnp.uint32))
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray)
+
+
+@typecheck
+def split_like(
+    key: Key,
+    tree: PyTree,
+    *,
+    is_leaf: Callable[[Any], bool] | None = None,
+) -> PyTree:
+    """One key per array leaf of `tree`, derived from the leaf's key path.
+
+    The key of a leaf at path `p` is `derive(key, jax.tree_util.keystr(p))`, so it
+    does not change when other leaves are added, removed or reordered. Array leaves
+    are JAX and NumPy arrays; every other leaf (Python scalars, functions, `None`
+    subtrees) gets `None`.
+
+    **Arguments:**
+
+    - `key`: A typed scalar key.
+    - `tree`: Any pytree, for example an `eqx.Module`.
+    - `is_leaf`: Optional, as in `jax.tree_util.tree_flatten`. (Keyword only
+        argument.)
+
+    **Returns:**
+
+    A pytree of the same structure with a key or `None` at each leaf.
+
+    !!! Example
+
+        ```python
+        keys = eqx_rng.split_like(jr.key(0), {"w": jnp.ones(3), "n": 2})
+        assert keys["n"] is None
+        ```
+    """
+    leaves_with_path, treedef = jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    keys = [
+        derive(key, jtu.keystr(path)) if _is_array(leaf) else None
+        for path, leaf in leaves_with_path
+    ]
+    return jtu.tree_unflatten(treedef, keys)
+
+
+@typecheck
+def tree_normal(key: Key, tree: PyTree) -> PyTree:
+    """Standard normal noise shaped and typed like each floating-point leaf.
+
+    Leaf `x` with `split_like` key `k` gets `jax.random.normal(k, x.shape, x.dtype)`
+    (complex leaves get complex normal noise); other leaves get `None`. Draws for
+    different leaves are independent, and a leaf's draw does not change when other
+    leaves are added.
+
+    **Arguments:**
+
+    - `key`: A typed scalar key.
+    - `tree`: Any pytree.
+
+    **Returns:**
+
+    A pytree of the same structure: noise for inexact array leaves, else `None`.
+
+    !!! Example
+
+        ```python
+        params = {"w": jnp.ones((2, 3)), "step": jnp.array(0)}
+        noise = eqx_rng.tree_normal(jr.key(0), params)
+        assert noise["w"].shape == (2, 3) and noise["step"] is None
+        ```
+    """
+    keys = split_like(key, tree)
+
+    def draw(leaf: Any, k: Any) -> Any:
+        if k is None or not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return None
+        return jr.normal(k, leaf.shape, leaf.dtype)
+
+    leaves, treedef = jtu.tree_flatten(tree)
+    key_leaves = treedef.flatten_up_to(keys)
+    return jtu.tree_unflatten(
+        treedef, [draw(leaf, k) for leaf, k in zip(leaves, key_leaves, strict=True)]
+    )
+
+
+__all__ = [
+    "as_key",
+    "derive",
+    "example_keys",
+    "grid_keys",
+    "split_like",
+    "string_hash",
+    "tree_normal",
+]
