@@ -15,13 +15,32 @@ from ._keys import (
 from ._typecheck import typecheck as typecheck, typecheck_enabled as typecheck_enabled
 
 # --- vectorisation (_vmap.py) ---
+# isort: split
+from ._ensemble import ensemble as ensemble
+from ._errors import BroadcastKeyError as BroadcastKeyError
+from ._vmap import vmap as vmap
 
 # --- scale (_sharding.py) ---
+# isort: split
+from ._sharding import chain_mesh as chain_mesh, shard as shard
 
 # --- training (_train.py) ---
+# isort: split
+from ._train import TrainState as TrainState, make_train_step as make_train_step
 
 # --- checkpoints (_checkpoint.py) ---
+# isort: split
+from ._checkpoint import (
+    CheckpointError as CheckpointError,
+    CheckpointManager as CheckpointManager,
+    latest_checkpoint as latest_checkpoint,
+    load as load,
+    load_metadata as load_metadata,
+    save as save,
+)
 
 # --- submodules: eqx_rng.nn, eqx_rng.debug ---
+# isort: split
+from . import debug as debug, nn as nn
 
 __version__ = importlib.metadata.version("eqx_rng")

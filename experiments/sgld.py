@@ -1,0 +1,587 @@
+"""Noise injection checked against the truth: SGLD on Bayesian linear regression.
+
+The model `y = X w + b + noise`, `noise ~ N(0, sigma^2)`, with the conjugate prior
+`w, b ~ N(0, tau^2)`, has a Gaussian posterior in closed form. C chains of
+stochastic-gradient Langevin dynamics (Welling & Teh, 2011),
+
+    theta <- theta + (eps / 2) * grad_est log p(theta | data) + sqrt(eps) * xi,
+
+run as one vmapped program: chain `c` gets `derive(key, c)` from `eqx_rng.vmap`,
+step `t` draws its minibatch from `derive(chain_key, t, "batch")` and its injected
+noise `xi` from `eqx_rng.tree_normal(derive(chain_key, t, "noise"), theta)`.
+
+Checks (exit 0 when all pass):
+
+1. the pooled posterior mean is within 3 Monte Carlo standard errors of the exact
+   mean in every coordinate (MCSE = posterior sd / sqrt(ESS));
+2. split R-hat <= 1.01 in every coordinate (R-hat and ESS from numpyro);
+3. the chains are independent: the mean pairwise correlation of their traces is
+   below 0.2 (R-hat cannot see chains that share their noise: identical chains have
+   no between-chain variance and an R-hat of 1).
+
+Why the checks are not fooled by SGLD's own bias: for a Gaussian posterior the drift
+is linear and the minibatch gradient is unbiased, so the stationary mean of the chain
+is the exact posterior mean for any stable step size. Only the covariance is biased,
+inflated by about `step_scale / 4` from the discretisation and by `step_scale * N /
+(4 * batch)` from minibatch noise (`eps = step_scale / lambda_max`). That bias is
+computed exactly here (the stationary covariance of the SGLD recursion, a discrete
+Lyapunov equation) and reported next to the measured covariance error.
+
+`--broken` runs a deliberately broken variant: the injected noise comes from one key
+shared by all chains (an unmapped argument of `eqx_rng.vmap` consumed inside it).
+`eqx_rng.vmap` refuses it with `BroadcastKeyError` (printed; exit 3). The variant is
+then run with the check switched off (`keys="broadcast"`) to show what it would have
+produced: chains that move in lockstep, caught by check 3 (exit 1 if only the
+statistics catch it).
+
+    python experiments/sgld.py [--tiny] [--seed S] [--out DIR] [--broken]
+"""
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import scipy.linalg
+from jaxtyping import Array, Float, PyTree
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+
+import eqx_rng
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+PARAM_NAMES = ("w[0]", "w[1]", "b")  # for dim == 2; other dims get generic names
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """SGLD on conjugate Bayesian linear regression.
+
+    `eps = step_scale / lambda_max` where `lambda_max` is the largest eigenvalue of
+    the posterior precision: the discretisation bias of the covariance is then about
+    `step_scale / 4`, whatever the data size.
+    """
+
+    n_data: int = 1000
+    dim: int = 2
+    feature_corr: float = 0.3  # correlation between the features: a tilted posterior
+    noise_std: float = 1.0  # sigma, known
+    prior_std: float = 1.0  # tau, for every weight and the bias
+    chains: int = 8
+    steps: int = 150_000  # per chain, burn-in included
+    burn_in: int = 15_000
+    thin: int = 10  # keep every `thin`-th state
+    batch_size: int = 500  # minibatch per step, drawn with replacement
+    step_scale: float = 0.02
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        """A smoke configuration of a few seconds that still passes the checks."""
+        return cls(steps=20_000, burn_in=2_000, thin=5, batch_size=250, step_scale=0.2)
+
+    def validate(self) -> None:
+        if self.chains < 2:
+            raise _common.UsageError(
+                f"R-hat needs at least 2 chains, got chains={self.chains}."
+            )
+        if not 0 <= self.burn_in < self.steps:
+            raise _common.UsageError(
+                f"need 0 <= burn_in < steps, got burn_in={self.burn_in}, steps={self.steps}."
+            )
+        if self.steps % self.thin or self.burn_in % self.thin:
+            raise _common.UsageError(
+                f"steps and burn_in must be multiples of thin={self.thin}."
+            )
+        if not 0 < self.step_scale < 1:
+            raise _common.UsageError(
+                f"step_scale must be in (0, 1), got {self.step_scale}."
+            )
+        if not 1 <= self.batch_size <= self.n_data:
+            raise _common.UsageError(
+                f"batch_size must be in [1, n_data], got {self.batch_size}."
+            )
+
+
+# ------------------------------------------------------------------ data and the truth
+
+
+class Problem(NamedTuple):
+    """The data set and everything exact about its posterior (float64, NumPy)."""
+
+    x: np.ndarray  # (n, dim) features
+    y: np.ndarray  # (n,) targets
+    design: np.ndarray  # (n, dim + 1): [x, 1]
+    precision: np.ndarray  # posterior precision
+    mean: np.ndarray  # exact posterior mean, (dim + 1,)
+    cov: np.ndarray  # exact posterior covariance
+    step_size: float  # eps
+
+
+def make_problem(cfg: Config, key: Any) -> Problem:
+    """Synthetic data from `key` and the exact conjugate posterior."""
+    feat_key, noise_key, w_key = (
+        eqx_rng.derive(key, name) for name in ("features", "noise", "true_w")
+    )
+    corr = np.full((cfg.dim, cfg.dim), cfg.feature_corr) + (
+        1 - cfg.feature_corr
+    ) * np.eye(cfg.dim)
+    z = np.asarray(jr.normal(feat_key, (cfg.n_data, cfg.dim)), np.float64)
+    x = z @ np.linalg.cholesky(corr).T
+    true = np.asarray(jr.normal(w_key, (cfg.dim + 1,)), np.float64)
+    design = np.concatenate([x, np.ones((cfg.n_data, 1))], axis=1)
+    y = design @ true + cfg.noise_std * np.asarray(
+        jr.normal(noise_key, (cfg.n_data,)), np.float64
+    )
+    precision = (
+        design.T @ design / cfg.noise_std**2 + np.eye(cfg.dim + 1) / cfg.prior_std**2
+    )
+    cov = np.linalg.inv(precision)
+    mean = cov @ design.T @ y / cfg.noise_std**2
+    step_size = cfg.step_scale / float(np.linalg.eigvalsh(precision).max())
+    return Problem(x, y, design, precision, mean, cov, step_size)
+
+
+def flatten(theta: PyTree) -> Any:
+    """`{"w": (..., dim), "b": (...)}` -> `(..., dim + 1)`, in the order of `design`."""
+    return jnp.concatenate([theta["w"], theta["b"][..., None]], axis=-1)
+
+
+def sgld_stationary_cov(cfg: Config, problem: Problem) -> np.ndarray:
+    """The exact stationary covariance of the SGLD recursion used here.
+
+    With `A = I - (eps / 2) P` (P the posterior precision) and minibatch-gradient
+    noise of covariance `G(S)` at stationarity (sampling with replacement), the
+    covariance solves `S = A S A^T + eps I + (eps / 2)^2 G(S)`, where
+    `G(S) = (N^2 / n) Cov_i[a_i (y_i - a_i^T theta) / sigma^2]` averaged over
+    `theta ~ N(mu, S)`. Solved by fixed-point iteration on discrete Lyapunov
+    equations (converges fast: the noise term is small).
+    """
+    eps, n, big_n = problem.step_size, cfg.batch_size, cfg.n_data
+    a_mat = np.eye(problem.mean.size) - 0.5 * eps * problem.precision
+    design, var = problem.design, cfg.noise_std**2
+    resid = problem.y - design @ problem.mean
+    s = problem.cov
+    for _ in range(50):
+        # E_theta[g_i g_i^T] with g_i = a_i r_i / var, r_i = y_i - a_i^T theta
+        quad = np.einsum("ij,jk,ik->i", design, s, design)
+        second = np.einsum("i,ij,ik->jk", resid**2 + quad, design, design) / (
+            var**2 * big_n
+        )
+        # E_theta[m m^T] with m(theta) = E_i[g_i] = m(mu) - L (theta - mu)
+        mean_g = design.T @ resid / (var * big_n)
+        lik = design.T @ design / (var * big_n)  # L
+        first = np.outer(mean_g, mean_g) + lik @ s @ lik.T
+        noise = (big_n**2 / n) * (second - first)
+        q = eps * np.eye(problem.mean.size) + 0.25 * eps**2 * noise
+        s_new = scipy.linalg.solve_discrete_lyapunov(a_mat, q)
+        if np.allclose(s_new, s, rtol=1e-12, atol=0):
+            return s_new
+        s = s_new
+    return s
+
+
+# ------------------------------------------------------------------------------- SGLD
+
+
+def make_train(
+    cfg: Config, *, broken: bool = False, broadcast_opt_in: bool = False
+) -> Callable[[Any], Any]:
+    """`train(key) -> (problem, draws)`: `draws` is `(chains, kept, dim + 1)` NumPy.
+
+    `broken=True` builds the variant whose injected noise comes from one key shared
+    by every chain; with `broadcast_opt_in=True` it is run anyway (`keys="broadcast"`).
+    """
+    n_saved = cfg.steps // cfg.thin
+
+    def train(key: Any) -> tuple[Problem, np.ndarray]:
+        problem = make_problem(cfg, eqx_rng.derive(key, "data"))
+        x = jnp.asarray(problem.x, jnp.float32)
+        y = jnp.asarray(problem.y, jnp.float32)
+        eps = problem.step_size
+        var, prior_var = cfg.noise_std**2, cfg.prior_std**2
+        scale = cfg.n_data / cfg.batch_size
+
+        def grad_log_post(theta: PyTree, idx: Any) -> PyTree:
+            """Unbiased minibatch estimate of the gradient of the log posterior."""
+            xb, yb = x[idx], y[idx]
+            resid = yb - xb @ theta["w"] - theta["b"]
+            return {
+                "w": scale * (xb.T @ resid) / var - theta["w"] / prior_var,
+                "b": scale * jnp.sum(resid) / var - theta["b"] / prior_var,
+            }
+
+        def step(theta: PyTree, t: Any, chain_key: Any, noise_key: Any) -> PyTree:
+            idx = jr.randint(
+                eqx_rng.derive(chain_key, t, "batch"), (cfg.batch_size,), 0, cfg.n_data
+            )
+            grad = grad_log_post(theta, idx)
+            xi = eqx_rng.tree_normal(eqx_rng.derive(noise_key, t, "noise"), theta)
+            return jax.tree.map(
+                lambda p, g, z: p + 0.5 * eps * g + math.sqrt(eps) * z, theta, grad, xi
+            )
+
+        def run_chain(theta0: PyTree, *, key: Any) -> Float[Array, "kept d"]:
+            # The correct program: the noise key is this chain's key.
+            return _scan(theta0, lambda th, t: step(th, t, key, key))
+
+        def run_chain_shared_noise(
+            theta0: PyTree, noise_key: Any, *, key: Any
+        ) -> Float[Array, "kept d"]:
+            # BROKEN on purpose: `noise_key` is the same for every chain and nothing
+            # per-chain is folded into it, so every chain gets the same noise.
+            return _scan(theta0, lambda th, t: step(th, t, key, noise_key))
+
+        def _scan(theta0: PyTree, one_step: Callable) -> Any:
+            def block(theta: PyTree, i: Any) -> tuple[PyTree, Any]:
+                def inner(th: PyTree, j: Any) -> tuple[PyTree, None]:
+                    return one_step(th, i * cfg.thin + j), None
+
+                theta, _ = jax.lax.scan(inner, theta, jnp.arange(cfg.thin))
+                return theta, flatten(theta)
+
+            _, kept = jax.lax.scan(block, theta0, jnp.arange(n_saved))
+            return kept
+
+        def init_theta(*, key: Any) -> PyTree:
+            template = {"w": jnp.zeros(cfg.dim), "b": jnp.zeros(())}
+            return jax.tree.map(
+                lambda z: cfg.prior_std * z, eqx_rng.tree_normal(key, template)
+            )
+
+        # Chain c starts from a prior draw keyed by derive(init_key, c): overdispersed.
+        theta0 = eqx_rng.ensemble(init_theta, eqx_rng.derive(key, "init"), cfg.chains)
+        sgld_key = eqx_rng.derive(key, "sgld")
+        if not broken:
+            program = eqx.filter_jit(eqx_rng.vmap(run_chain))
+            kept = program(theta0, key=sgld_key)
+        else:
+            shared = eqx_rng.derive(key, "shared-noise")
+            mapped = eqx_rng.vmap(
+                run_chain_shared_noise,
+                in_axes=(0, None),
+                keys="broadcast" if broadcast_opt_in else "derive",
+            )
+            kept = eqx.filter_jit(mapped)(theta0, shared, key=sgld_key)
+        return problem, np.asarray(jax.block_until_ready(kept), np.float64)
+
+    return train
+
+
+# -------------------------------------------------------------------------- analysis
+
+
+def analyse(cfg: Config, problem: Problem, draws: np.ndarray) -> dict[str, Any]:
+    """Diagnostics and checks of the post-burn-in draws against the exact posterior."""
+    post = draws[:, cfg.burn_in // cfg.thin :]  # (chains, kept, d)
+    pooled = post.reshape(-1, post.shape[-1])
+    mean = pooled.mean(axis=0)
+    cov = np.cov(pooled, rowvar=False)
+    ess = np.asarray(effective_sample_size(post), np.float64)
+    rhat = np.asarray(split_gelman_rubin(post), np.float64)
+    sd = np.sqrt(np.diag(cov))
+    mcse = sd / np.sqrt(ess)
+    z = (mean - problem.mean) / mcse
+    # Mean pairwise correlation of the chains' traces, per coordinate.
+    centred = post - post.mean(axis=1, keepdims=True)
+    normed = centred / np.maximum(
+        np.linalg.norm(centred, axis=1, keepdims=True), 1e-300
+    )
+    corr = np.einsum("ckd,ekd->dce", normed, normed)  # (d, chains, chains)
+    off = ~np.eye(cfg.chains, dtype=bool)
+    chain_corr = corr[:, off].mean(axis=-1)
+    predicted = sgld_stationary_cov(cfg, problem)
+    rel = lambda a, b: float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    checks = {
+        "mean within 3 MCSE": bool(np.all(np.abs(z) <= 3.0)),
+        "R-hat <= 1.01": bool(np.all(rhat <= 1.01)),
+        "chains independent (mean pairwise corr < 0.2)": bool(
+            np.all(np.abs(chain_corr) < 0.2)
+        ),
+    }
+    return {
+        "step_size": problem.step_size,
+        "exact_mean": problem.mean,
+        "sgld_mean": mean,
+        "mcse": mcse,
+        "z_scores": z,
+        "exact_sd": np.sqrt(np.diag(problem.cov)),
+        "sgld_sd": sd,
+        "predicted_sgld_sd": np.sqrt(np.diag(predicted)),
+        "ess": ess,
+        "rhat": rhat,
+        "chain_corr": chain_corr,
+        "cov_rel_error_vs_exact": rel(cov, problem.cov),
+        "cov_rel_error_vs_predicted_sgld": rel(cov, predicted),
+        "predicted_sgld_cov_bias": rel(predicted, problem.cov),
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+
+
+def param_names(cfg: Config) -> list[str]:
+    return (
+        list(PARAM_NAMES)
+        if cfg.dim == 2
+        else [f"w[{i}]" for i in range(cfg.dim)] + ["b"]
+    )
+
+
+def report(cfg: Config, res: dict[str, Any]) -> str:
+    names = param_names(cfg)
+    rows = [
+        [
+            name,
+            float(res["exact_mean"][j]),
+            float(res["sgld_mean"][j]),
+            float(res["mcse"][j]),
+            f"{res['z_scores'][j]:+.2f}",
+            float(res["exact_sd"][j]),
+            float(res["sgld_sd"][j]),
+            float(res["predicted_sgld_sd"][j]),
+            f"{res['ess'][j]:.0f}",
+            f"{res['rhat'][j]:.4f}",
+            f"{res['chain_corr'][j]:+.3f}",
+        ]
+        for j, name in enumerate(names)
+    ]
+    table = _common.format_table(
+        [
+            "param",
+            "exact mean",
+            "SGLD mean",
+            "MCSE",
+            "z",
+            "exact sd",
+            "SGLD sd",
+            "pred. SGLD sd",
+            "ESS",
+            "R-hat",
+            "chain corr",
+        ],
+        rows,
+    )
+    lines = [
+        table,
+        "",
+        f"step size eps = {res['step_size']:.3e}; covariance relative error vs exact "
+        f"{res['cov_rel_error_vs_exact']:.4f} (SGLD's own predicted bias "
+        f"{res['predicted_sgld_cov_bias']:.4f}; error vs the predicted SGLD covariance "
+        f"{res['cov_rel_error_vs_predicted_sgld']:.4f})",
+        "",
+        *(
+            f"  [{'PASS' if ok else 'FAIL'}] {name}"
+            for name, ok in res["checks"].items()
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def plot(
+    path: Path,
+    cfg: Config,
+    problem: Problem,
+    draws: np.ndarray,
+    res: dict[str, Any],
+    title: str,
+) -> None:
+    import matplotlib.pyplot as plt
+
+    names = param_names(cfg)
+    d = len(names)
+    steps = (np.arange(draws.shape[1]) + 1) * cfg.thin
+    post = draws[:, cfg.burn_in // cfg.thin :]
+    fig = plt.figure(figsize=(4.2 * (d + 1), 7.5), constrained_layout=True)
+    grid = fig.add_gridspec(2, d + 1)
+    colours = plt.get_cmap("tab10")
+    for j, name in enumerate(names):
+        mu, sd = problem.mean[j], math.sqrt(problem.cov[j, j])
+        ax = fig.add_subplot(grid[0, j])
+        for c in range(cfg.chains):
+            ax.plot(
+                steps,
+                draws[c, :, j],
+                lw=0.4,
+                alpha=0.7,
+                color=colours(c % 10),
+                label=f"chain {c}",
+            )
+        ax.axvline(cfg.burn_in, color="black", ls=":", lw=1, label="end of burn-in")
+        ax.axhspan(
+            mu - 2 * sd,
+            mu + 2 * sd,
+            color="grey",
+            alpha=0.25,
+            label="exact mean +/- 2 sd",
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("SGLD step (log scale)")
+        ax.set_ylabel(name)
+        ax.set_title(f"trace of {name} ({cfg.chains} chains)")
+        if j == 0:
+            ax.legend(fontsize=6, ncol=2, loc="best")
+        ax = fig.add_subplot(grid[1, j])
+        ax.hist(
+            post[:, :, j].ravel(),
+            bins=80,
+            density=True,
+            color="tab:blue",
+            alpha=0.6,
+            label="SGLD draws (all chains)",
+        )
+        xs = np.linspace(mu - 4.5 * sd, mu + 4.5 * sd, 400)
+        ax.plot(
+            xs,
+            np.exp(-0.5 * ((xs - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi)),
+            color="black",
+            lw=1.5,
+            label="exact posterior",
+        )
+        ax.set_xlim(xs[0], xs[-1])
+        ax.set_xlabel(name)
+        ax.set_ylabel("density")
+        ax.set_title(
+            f"{name}: z = {res['z_scores'][j]:+.2f}, R-hat {res['rhat'][j]:.4f}"
+        )
+        ax.legend(fontsize=7, loc="upper right")
+    ax = fig.add_subplot(grid[:, d])
+    pts = post[:, :: max(1, post.shape[1] // 400), :2].reshape(-1, 2)
+    ax.scatter(
+        pts[:, 0], pts[:, 1], s=2, alpha=0.3, color="tab:blue", label="SGLD draws"
+    )
+    angles = np.linspace(0, 2 * np.pi, 200)
+    chol = np.linalg.cholesky(problem.cov[:2, :2])
+    for r in (1, 2, 3):
+        ring = problem.mean[:2, None] + r * chol @ np.stack(
+            [np.cos(angles), np.sin(angles)]
+        )
+        ax.plot(
+            ring[0],
+            ring[1],
+            color="black",
+            lw=1,
+            label="exact 1, 2, 3 sd" if r == 1 else None,
+        )
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.set_title(f"joint posterior of {names[0]}, {names[1]}")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="SGLD on Bayesian linear regression, checked against the exact posterior.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out", default="runs/sgld", help="output directory (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data and the chains (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke configuration of a few seconds"
+    )
+    parser.add_argument(
+        "--broken",
+        action="store_true",
+        help="run the variant whose noise is shared across chains; must fail",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = Config.tiny() if args.tiny else Config()
+    try:
+        cfg.validate()
+        out = _common.prepare_out_dir(args.out)
+    except _common.UsageError as e:
+        print(f"sgld.py: error: {e}", file=sys.stderr)
+        return 2
+    key = eqx_rng.as_key(args.seed)
+    name = "sgld-broken" if args.broken else "sgld"
+    print(
+        f"SGLD on Bayesian linear regression: {cfg.chains} chains x {cfg.steps} steps, batch {cfg.batch_size} of {cfg.n_data}{' (BROKEN variant)' if args.broken else ''}"
+    )
+
+    caught: str | None = None
+    start = time.perf_counter()
+    if args.broken:
+        try:
+            make_train(cfg, broken=True)(key)
+        except eqx_rng.BroadcastKeyError as e:
+            caught = f"{type(e).__name__}: {e}"
+            print("\nCaught at trace time, before anything ran:\n")
+            print("  " + caught.replace("\n", "\n  "))
+            print(
+                "\nRunning it anyway with the check switched off (keys='broadcast') to show what it would have done:\n"
+            )
+        problem, draws = make_train(cfg, broken=True, broadcast_opt_in=True)(key)
+    else:
+        problem, draws = make_train(cfg)(key)
+    wall = time.perf_counter() - start
+    res = analyse(cfg, problem, draws)
+    print(report(cfg, res))
+    print(f"\nwall time {wall:.1f} s (compilation included)")
+
+    plot(
+        out / f"{name}.png",
+        cfg,
+        problem,
+        draws,
+        res,
+        title=f"SGLD vs the exact posterior{' — BROKEN: noise shared across chains' if args.broken else ''} (seed {args.seed})",
+    )
+    summary = {
+        "experiment": name,
+        "config": _common.config_dict(cfg),
+        "seed": args.seed,
+        "results": res,
+        "broadcast_key_error": caught,
+        "wall_time_s": wall,
+        "git_commit": _common.git_commit(),
+        "doctor": eqx_rng.debug.doctor(),
+    }
+    _common.write_json(out / f"{name}.json", summary)
+    print(f"wrote {out / (name + '.png')} and {out / (name + '.json')}")
+
+    if args.broken:
+        if caught is not None:
+            print(
+                "\nBROKEN variant: refused by eqx_rng.vmap (BroadcastKeyError); exit 3."
+            )
+            return 3
+        print(
+            "\nBROKEN variant: BroadcastKeyError was NOT raised"
+            + (
+                "; the statistics caught it; exit 1."
+                if not res["passed"]
+                else " and the statistics missed it; exit 1."
+            )
+        )
+        return 1
+    print("\nall checks passed" if res["passed"] else "\nSOME CHECKS FAILED")
+    return 0 if res["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""`benchmarks/run.py --quick` runs end to end (a smoke test: no timing is asserted)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from helpers import REPO
+
+
+def _run(args: list[str], out_dir) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            *args,
+            "--out",
+            str(out_dir),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"run.py failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (out_dir / "results.md").read_text() in proc.stdout
+    return json.loads((out_dir / "results.json").read_text())
+
+
+def test_quick(tmp_path):
+    results = _run(["--quick"], tmp_path)
+    impls = set()
+    for size in results["sizes"]:
+        ms = size["measurements"]
+        assert sum(m["reference"] for m in ms) == 1
+        for m in ms:
+            impls.add(m["impl"])
+            assert len(m["per_step_s"]) == 3
+            assert all(t > 0 for t in m["per_step_s"])
+            assert math.isfinite(m["first_loss"]) and math.isfinite(m["final_loss"])
+    assert {"raw JAX", "eqx_rng", "plain Equinox"} <= impls
+    assert results["typecheck"]["rows"]
+    assert results["checks"][-1].endswith("yes")
+    assert results["targets"]
+    text = (tmp_path / "results.md").read_text()
+    assert "## Step time" in text and "## Targets" in text
+
+
+def test_gpu_quick_runs_on_cpu(tmp_path):
+    results = _run(["--gpu", "--quick", "--rounds", "1"], tmp_path)
+    gpu = results["gpu"]
+    assert gpu["peak_flops"] > 0
+    assert {row["chains"] for row in gpu["rows"]} == {1, 2, 4}
+    assert set(gpu["saturation"]) == {row["impl"] for row in gpu["rows"]}

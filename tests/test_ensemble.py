@@ -1,0 +1,136 @@
+"""`eqx_rng.ensemble`: n chains built in one vectorised call."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from helpers import tree_allclose
+from jaxtyping import TypeCheckError
+
+import eqx_rng
+
+
+def _bitwise(a, b):
+    return bool(eqx.tree_equal(a, b, typematch=True))
+
+
+def _chain(tree, c):
+    return jax.tree_util.tree_map(lambda a: a[c] if eqx.is_array(a) else a, tree)
+
+
+def test_chain_c_is_make_with_derived_key(getkey):
+    key = getkey()
+    mlps = eqx_rng.ensemble(eqx.nn.MLP, key, 4, 3, 2, 8, 2)
+    assert mlps.layers[0].weight.shape == (4, 8, 3)
+    for c in range(4):
+        one = eqx.nn.MLP(3, 2, 8, 2, key=eqx_rng.derive(key, c))
+        assert _bitwise(_chain(mlps, c), one)
+
+
+def test_chains_differ(getkey):
+    models = eqx_rng.ensemble(eqx.nn.Linear, getkey(), 3, 4, 4)
+    assert not jnp.array_equal(models.weight[0], models.weight[1])
+
+
+def test_chain_does_not_depend_on_n(getkey):
+    key = getkey()
+    three = eqx_rng.ensemble(eqx.nn.MLP, key, 3, 3, 2, 8, 2)
+    five = eqx_rng.ensemble(eqx.nn.MLP, key, 5, 3, 2, 8, 2)
+    first3 = jax.tree_util.tree_map(lambda a: a[:3] if eqx.is_array(a) else a, five)
+    assert _bitwise(three, first3)
+
+
+def test_make_is_traced_once(getkey):
+    calls = []
+
+    def make(n, *, key):
+        calls.append(1)
+        return eqx.nn.Linear(n, n, key=key)
+
+    models = eqx_rng.ensemble(make, getkey(), 16, 3)
+    assert models.weight.shape == (16, 3, 3)
+    assert calls == [1]
+
+
+def test_non_array_leaves_kept(getkey):
+    mlps = eqx_rng.ensemble(eqx.nn.MLP, getkey(), 2, 3, 2, 8, 1, activation=jnp.tanh)
+    assert mlps.activation is jnp.tanh
+    assert mlps.in_size == 3
+
+
+def test_args_and_kwargs_are_shared(getkey):
+    key = getkey()
+    models = eqx_rng.ensemble(eqx.nn.Linear, key, 2, 3, 2, use_bias=False)
+    assert models.bias is None
+    one = eqx.nn.Linear(3, 2, use_bias=False, key=eqx_rng.derive(key, 1))
+    assert jnp.array_equal(models.weight[1], one.weight)
+
+
+def test_make_with_state_gets_chain_axis(getkey):
+    key = getkey()
+    make = eqx.nn.make_with_state(eqx.nn.BatchNorm)
+    model, state = eqx_rng.ensemble(
+        lambda *, key: make(3, axis_name="batch", mode="batch"), key, 4
+    )
+    assert model.weight.shape == (4, 3)
+    leaves = jax.tree_util.tree_leaves(state)
+    assert leaves and all(leaf.shape[0] == 4 for leaf in leaves)
+    # Per chain, the State works with the chain's model.
+    x = jr.normal(getkey(), (8, 3))
+    y, _ = eqx_rng.vmap(_chain(model, 2), axis_name="batch")(x, _chain(state, 2))
+    assert y.shape == (8, 3)
+
+
+def test_make_with_state_model_with_key(getkey):
+    class Net(eqx.Module):
+        linear: eqx.nn.Linear
+        norm: eqx.nn.BatchNorm
+
+        def __init__(self, n, *, key):
+            self.linear = eqx.nn.Linear(n, n, key=key)
+            self.norm = eqx.nn.BatchNorm(n, axis_name="batch", mode="batch")
+
+    key = getkey()
+    nets, states = eqx_rng.ensemble(eqx.nn.make_with_state(Net), key, 3, 4)
+    one, one_state = eqx.nn.make_with_state(Net)(4, key=eqx_rng.derive(key, 2))
+    assert _bitwise(_chain(nets, 2), one)
+    assert tree_allclose(_chain(states, 2), one_state)
+
+
+def test_numpy_int_n(getkey):
+    models = eqx_rng.ensemble(eqx.nn.Linear, getkey(), np.int64(2), 3, 3)
+    assert models.weight.shape == (2, 3, 3)
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_n_below_one(n, getkey):
+    with pytest.raises(ValueError, match="n >= 1"):
+        eqx_rng.ensemble(eqx.nn.Linear, getkey(), n, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [(jax.random.PRNGKey(0), "as_key"), (jnp.zeros(3), "key"), (0, "key")],
+)
+def test_key_not_a_key(bad, match):
+    with pytest.raises(TypeError, match=match):
+        eqx_rng.ensemble(eqx.nn.Linear, bad, 2, 3, 3)
+
+
+def test_batch_of_keys_is_type_error():
+    with pytest.raises(TypeCheckError):
+        eqx_rng.ensemble(eqx.nn.Linear, jr.split(jr.key(0), 2), 2, 3, 3)
+
+
+def test_key_in_kwargs_is_refused(getkey):
+    with pytest.raises(TypeError, match="multiple values for argument 'key'"):
+        eqx_rng.ensemble(eqx.nn.Linear, getkey(), 2, 3, 3, key=getkey())  # pyright: ignore
+
+
+def test_jit_matches_eager(getkey):
+    key = getkey()
+    eager = eqx_rng.ensemble(eqx.nn.Linear, key, 3, 2, 2)
+    jitted = eqx.filter_jit(lambda k: eqx_rng.ensemble(eqx.nn.Linear, k, 3, 2, 2))(key)
+    assert _bitwise(eager, jitted)
