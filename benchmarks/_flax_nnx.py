@@ -12,10 +12,12 @@ import importlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import jax.random as jr
 import optax
 
 from ._runner import Runner
-from ._workload import SEED, Data, Size
+from ._workload import SEED, Data, Size, linear_bound
 
 nnx: Any
 try:
@@ -34,18 +36,28 @@ def runners(size: Size, data: Data, variants=("step",)) -> list[Runner]:
     if nnx is None or size.vmapped or "step" not in variants:
         return []
 
+    def linear(fan_in: int, fan_out: int, rngs):
+        # `eqx.nn.Linear`'s initialisation (uniform in +-1/sqrt(fan_in)), so that the
+        # first losses are comparable with the other implementations'.
+        lim = linear_bound(fan_in)
+
+        def init(key, shape, dtype=jnp.float32):
+            return jr.uniform(key, shape, dtype, -lim, lim)
+
+        return nnx.Linear(fan_in, fan_out, kernel_init=init, bias_init=init, rngs=rngs)
+
     class NNXMLP(nnx.Module):
         def __init__(self, size: Size, rngs):
             h = size.hidden
-            self.lin1 = nnx.Linear(size.in_size, h, rngs=rngs)
+            self.lin1 = linear(size.in_size, h, rngs)
             self.bn1 = nnx.BatchNorm(
                 h, momentum=size.momentum, epsilon=size.eps, rngs=rngs
             )
-            self.lin2 = nnx.Linear(h, h, rngs=rngs)
+            self.lin2 = linear(h, h, rngs)
             self.bn2 = nnx.BatchNorm(
                 h, momentum=size.momentum, epsilon=size.eps, rngs=rngs
             )
-            self.lin3 = nnx.Linear(h, size.out_size, rngs=rngs)
+            self.lin3 = linear(h, size.out_size, rngs)
             self.drop1 = nnx.Dropout(size.p, rngs=rngs)
             self.drop2 = nnx.Dropout(size.p, rngs=rngs)
             self.noise_rngs = rngs.fork()

@@ -20,14 +20,14 @@ def profile(runner: Runner, n_calls: int, *, top: int = 30) -> tuple[str, float]
     t = 0
     for _ in range(3):
         carry, loss = runner.call(carry, t)
-        jax.block_until_ready((carry, loss))
+        jax.block_until_ready(loss)
         t += runner.steps_per_call
     prof = cProfile.Profile()
     start = time.perf_counter()
     prof.enable()
     for _ in range(n_calls):
         carry, loss = runner.call(carry, t)
-        jax.block_until_ready((carry, loss))
+        jax.block_until_ready(loss)
         t += runner.steps_per_call
     prof.disable()
     per_call = (time.perf_counter() - start) / n_calls

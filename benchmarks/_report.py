@@ -65,6 +65,8 @@ def derived(size_result: dict) -> list[dict[str, Any]]:
     """Per measurement: median, spread, examples/s, ratios, compile and memory."""
     size = size_result["size"]
     examples = size["batch"] * size["chains"]
+    refs = [m for m in size_result["measurements"] if m["reference"]]
+    ref_best = min(refs[0]["per_step_s"]) if refs else None
     rows = []
     for m in size_result["measurements"]:
         ratios = m["ratio_per_round"] or []
@@ -81,6 +83,7 @@ def derived(size_result: dict) -> list[dict[str, Any]]:
                 "ratio": _med(ratios) if ratios else None,
                 "ratio_min": min(ratios) if ratios else None,
                 "ratio_max": max(ratios) if ratios else None,
+                "ratio_best": _ratio(min(m["per_step_s"]), ref_best),
                 "first_call_s": m["first_call_s"],
                 "compile_s": m["compile_s"],
                 "compile_ratio": _ratio(m["compile_s"], _get(twin, "compile_s")),
@@ -102,8 +105,8 @@ def size_title(size: dict) -> str:
 def timing_table(results: dict) -> str:
     lines = [
         "| size | implementation | variant | time / step (median) | min – max | "
-        "examples/s | × raw JAX (median, min – max) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "examples/s | × raw JAX (median, min – max) | best / best |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for sr in results["sizes"]:
         for r in derived(sr):
@@ -113,7 +116,8 @@ def timing_table(results: dict) -> str:
             lines.append(
                 f"| {sr['size']['name']} | {r['impl']} | {r['variant']} | "
                 f"{_fmt_time(r['median_s'])} | {_fmt_time(r['min_s'])} – "
-                f"{_fmt_time(r['max_s'])} | {r['examples_per_s']:,.0f} | {ratio} |"
+                f"{_fmt_time(r['max_s'])} | {r['examples_per_s']:,.0f} | {ratio} | "
+                f"{_fmt_ratio(r['ratio_best'])} |"
             )
     return "\n".join(lines)
 
@@ -171,13 +175,22 @@ def targets(results: dict) -> list[dict[str, Any]]:
     """Each target: what, the measured value, the bound, met or not (None: no data)."""
     out = []
 
-    def add(what: str, value: float | None, bound: float, *, lower_is_better=True):
+    def add(
+        what: str,
+        value: float | None,
+        bound: float,
+        *,
+        lower_is_better=True,
+        best: float | None = None,
+    ):
         met = (
             None
             if value is None
             else (value <= bound if lower_is_better else value > bound)
         )
-        out.append({"target": what, "value": value, "bound": bound, "met": met})
+        out.append(
+            {"target": what, "value": value, "best": best, "bound": bound, "met": met}
+        )
 
     for role in ("tiny", "c1"):
         sr = _by_role(results, role)
@@ -186,38 +199,47 @@ def targets(results: dict) -> list[dict[str, Any]]:
         name = sr["size"]["name"]
         spc = sr["size"]["steps_per_call"]
         r = _row(sr, "eqx_rng", spc=1)
-        add(f"{name}: single-call step ≤ 1.10x raw", _get(r, "ratio"), 1.10)
+        add(
+            f"{name}: single-call step ≤ 1.10x raw",
+            _get(r, "ratio"),
+            1.10,
+            best=_get(r, "ratio_best"),
+        )
         bound = 0.20 if role == "tiny" else 0.85
         r = _row(sr, "eqx_rng", spc=spc)
         add(
             f"{name}: steps_per_call={spc} ≤ {bound:.2f}x raw per step",
             _get(r, "ratio"),
             bound,
+            best=_get(r, "ratio_best"),
         )
     sr = _by_role(results, "cmax")
     if sr is not None:
         name = sr["size"]["name"]
         spc = sr["size"]["steps_per_call"]
         vm = _row(sr, "eqx_rng", spc=1)
-        add(f"{name}: vmapped chains ≤ 1.05x raw", _get(vm, "ratio"), 1.05)
+        add(
+            f"{name}: vmapped chains ≤ 1.05x raw",
+            _get(vm, "ratio"),
+            1.05,
+            best=_get(vm, "ratio_best"),
+        )
         r = _row(sr, "eqx_rng", spc=spc)
         add(
-            f"{name}: steps_per_call={spc} ≤ 0.75x raw per step", _get(r, "ratio"), 0.75
+            f"{name}: steps_per_call={spc} ≤ 0.75x raw per step",
+            _get(r, "ratio"),
+            0.75,
+            best=_get(r, "ratio_best"),
         )
-        lp = _row(sr, "eqx_rng", loop=True)
-        add(
-            f"{name}: eqx_rng Python loop over chains / vmapped chains > 1",
-            _ratio(_get(lp, "median_s"), _get(vm, "median_s")),
-            1.0,
-            lower_is_better=False,
-        )
-        raw_lp, raw_vm = _row(sr, "raw JAX", loop=True), _row(sr, "raw JAX", spc=1)
-        add(
-            f"{name}: raw JAX Python loop over chains / vmapped chains > 1",
-            _ratio(_get(raw_lp, "median_s"), _get(raw_vm, "median_s")),
-            1.0,
-            lower_is_better=False,
-        )
+        for impl in ("eqx_rng", "raw JAX"):
+            lp, v = _row(sr, impl, loop=True), _row(sr, impl, spc=1)
+            add(
+                f"{name}: {impl} Python loop over chains / vmapped chains > 1",
+                _ratio(_get(lp, "median_s"), _get(v, "median_s")),
+                1.0,
+                lower_is_better=False,
+                best=_ratio(_get(lp, "min_s"), _get(v, "min_s")),
+            )
         add(f"{name}: memory ≤ 1.10x raw", _get(vm, "memory_ratio"), 1.10)
     for sr in results["sizes"]:
         r = _row(sr, "eqx_rng", spc=1)
@@ -228,7 +250,7 @@ def targets(results: dict) -> list[dict[str, Any]]:
         for row in tc["rows"]:
             add(
                 f"{row['size']}: {row['variant']} typecheck on vs off "
-                f"(|Δ ratio| ≤ noise {row['noise']:.2f})",
+                f"(Δ ratio ≤ noise {row['noise']:.2f})",
                 abs(row["ratio_on"] - row["ratio_off"]),
                 row["noise"],
             )
@@ -236,11 +258,15 @@ def targets(results: dict) -> list[dict[str, Any]]:
 
 
 def targets_table(rows: list[dict]) -> str:
-    lines = ["| target | measured | met |", "| --- | ---: | :---: |"]
+    lines = [
+        "| target | measured (median) | best / best | met |",
+        "| --- | ---: | ---: | :---: |",
+    ]
     for t in rows:
         v = "—" if t["value"] is None else f"{t['value']:.2f}"
+        b = "—" if t.get("best") is None else f"{t['best']:.2f}"
         met = {True: "yes", False: "**no**", None: "no data"}[t["met"]]
-        lines.append(f"| {t['target']} | {v} | {met} |")
+        lines.append(f"| {t['target']} | {v} | {b} | {met} |")
     return "\n".join(lines)
 
 
@@ -307,6 +333,11 @@ def markdown(results: dict) -> str:
             sizes_list(results),
             "",
             "## Step time",
+            "",
+            "Ratios: per round, time over raw JAX's time in the same round; the "
+            "median (min – max) over rounds. Best / best: the runner's fastest round "
+            "over raw JAX's fastest, the least disturbed estimate when other "
+            "processes share the machine.",
             "",
             timing_table(results),
             "",

@@ -188,11 +188,8 @@ def sanity_checks(sizes: list[dict]) -> tuple[list[str], bool]:
 
 def typecheck_child(suite: _suites.Suite, path: str) -> None:
     """In the child: time raw JAX and eqx_rng (single call and multi-step)."""
-    sizes = [
-        s
-        for s in suite.sizes
-        if s.name in {suite.roles[r] for r in suite.typecheck_roles}
-    ]
+    wanted = {suite.roles[r] for r in suite.typecheck_roles}
+    sizes = [s for s in suite.sizes if s.name in wanted]
     results = run_sizes(
         sizes,
         rounds=suite.rounds,
@@ -219,6 +216,8 @@ def typecheck_compare(suite: _suites.Suite, args, main_sizes: list[dict]) -> dic
             cmd.append("--quick")
         if args.rounds:
             cmd += ["--rounds", str(args.rounds)]
+        if args.sizes:
+            cmd += ["--sizes", args.sizes]
         env = {**os.environ, "EQX_RNG_TYPECHECK": "0" if on_now else "1"}
         log(
             f"[typecheck] child process with EQX_RNG_TYPECHECK={env['EQX_RNG_TYPECHECK']}"
@@ -342,12 +341,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="chains x batch throughput")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--sizes", default=None, help="comma-separated size names to run (default: all)"
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--no-typecheck", action="store_true", help="skip the on/off child"
     )
+    parser.add_argument(
+        "--report", default=None, help="print the tables of a results.json and exit"
+    )
     parser.add_argument("--child-typecheck", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        if results.get("sizes"):
+            results["targets"] = _report.targets(results)
+        print(_report.markdown(results) + f"\nWall time: {results['wall_s']:.0f} s.")
+        return 0
 
     if args.quick and "xla_backend_optimization_level" not in os.environ.get(
         "XLA_FLAGS", ""
@@ -360,6 +371,15 @@ def main(argv: list[str] | None = None) -> int:
     suite = _suites.quick() if args.quick else _suites.full()
     if args.rounds:
         suite = _suites.dataclasses.replace(suite, rounds=args.rounds)
+    if args.sizes:
+        names = args.sizes.split(",")
+        unknown = set(names) - {s.name for s in suite.sizes}
+        if unknown:
+            parser.error(
+                f"unknown sizes {sorted(unknown)}; the suite has {suite.sizes}"
+            )
+        sizes = tuple(s for s in suite.sizes if s.name in names)
+        suite = _suites.dataclasses.replace(suite, sizes=sizes)
     start = time.perf_counter()
     _harness.warm_up_jax()
     if args.child_typecheck:
@@ -394,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         results["checks"] = checks
         for line in checks:
             log(line)
-        if not args.no_typecheck:
+        wanted = {suite.roles[r] for r in suite.typecheck_roles}
+        if not args.no_typecheck and wanted & {s.name for s in suite.sizes}:
             results["typecheck"] = typecheck_compare(suite, args, results["sizes"])
         results["targets"] = _report.targets(results)
         if args.profile:

@@ -26,7 +26,7 @@ directory is `fsync`ed: a crash at any moment leaves either the old file or the 
 one at `path`, never a partial one.
 """
 
-import datetime
+import datetime as dt
 import hashlib
 import importlib.metadata
 import json
@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import PyTree
 
 from ._typecheck import typecheck
@@ -106,7 +107,7 @@ def _dtype_name(dtype: Any) -> str:
 def _array_leaves(tree: Any, fn: str) -> list[tuple[str, Any]]:
     out = []
     for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.core.Tracer):
+        if isinstance(leaf, Tracer):
             raise TypeError(
                 f"`eqx_rng.{fn}` reads arrays from the host and cannot run inside "
                 f"`jit`, `vmap` or `grad`; leaf `{jtu.keystr(path)}` is a tracer. "
@@ -131,6 +132,16 @@ def _to_host(name: str, leaf: Any) -> tuple[np.ndarray, str | None]:
     return np.asarray(leaf), None
 
 
+def _storable(dtype: np.dtype) -> bool:
+    """A numeric dtype that JAX knows by name (bfloat16 and float8 included)."""
+    if dtype.kind in "OUSMm" or dtype.fields is not None:
+        return False
+    try:
+        return np.dtype(jnp.dtype(dtype.name)) == dtype.newbyteorder("=")
+    except TypeError:
+        return False
+
+
 def _align(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
@@ -153,7 +164,7 @@ def _library_entries(extra: dict[str, Any] | None) -> dict[str, Any]:
         "jaxlib_version": version("jaxlib"),
         "equinox_version": version("equinox"),
         "numpy_version": np.__version__,
-        "saved_at": datetime.datetime.now(datetime.UTC).isoformat(),
+        "saved_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     try:
         from . import debug
@@ -210,7 +221,7 @@ def _save(
     offset = 0
     for name, leaf in leaves:
         data, impl = _to_host(name, leaf)
-        if data.dtype.kind in "OUSV":
+        if not _storable(data.dtype):
             raise TypeError(
                 f"`eqx_rng.save`: leaf `{name}` has dtype {data.dtype}, which is not "
                 "a numeric array dtype."
@@ -284,7 +295,6 @@ def _save(
         raise
     _fsync_directory(directory)
     return path
-
 
 
 @typecheck
@@ -415,9 +425,7 @@ def _match(path: Path, like_leaves: list[tuple[str, Any]], records: list) -> Non
     if like_paths != file_paths:
         only_like = [p for p in like_paths if p not in set(file_paths)]
         only_file = [p for p in file_paths if p not in set(like_paths)]
-        parts = [
-            f"has {len(file_paths)} array leaves and `like` has {len(like_paths)}"
-        ]
+        parts = [f"has {len(file_paths)} array leaves and `like` has {len(like_paths)}"]
         if only_like:
             parts.append(f"in `like` only: {_short(only_like)}")
         if only_file:
@@ -749,8 +757,13 @@ class CheckpointManager:
 
     def _remove_leftovers(self) -> None:
         pattern = re.compile(
-            r"\." + re.escape(self.prefix) + r"\d+" + re.escape(_SUFFIX) + r"\.[0-9a-f]+"
-            + re.escape(_TMP_SUFFIX) + r"\Z"
+            r"\."
+            + re.escape(self.prefix)
+            + r"\d+"
+            + re.escape(_SUFFIX)
+            + r"\.[0-9a-f]+"
+            + re.escape(_TMP_SUFFIX)
+            + r"\Z"
         )
         for name in os.listdir(self.directory):
             if pattern.match(name):

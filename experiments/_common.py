@@ -335,7 +335,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
         c.rjust(w) if numeric[i] else c.ljust(w)
         for i, (c, w) in enumerate(zip(r, widths, strict=True))
     )
-    return "\n".join([fmt(headers), line, *(fmt(r) for r in body)])
+    return "\n".join(s.rstrip() for s in [fmt(headers), line, *(fmt(r) for r in body)])
 
 
 def _looks_numeric(text: str) -> bool:

@@ -29,7 +29,6 @@ import numpy as np
 
 import eqx_rng
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
@@ -199,16 +198,16 @@ def fixed_batch_keys(key, xs, batch_size):
 
 
 def pitfall_batch_size(key) -> Outcome:
-    xs = jnp.zeros((128, 3))
+    xs = jnp.zeros((64, 3))
     # (jit only to run faster; batch_size is static)
     buggy = jax.jit(buggy_batch_keys, static_argnums=2)
-    b32, b64 = buggy(key, xs, 32), buggy(key, xs, 64)
-    changed = int(np.sum(np.any(np.asarray(b32) != np.asarray(b64), axis=1)))
-    symptom = f"{changed} of 128 examples got different noise at batch size 32 vs 64"
+    b16, b32 = buggy(key, xs, 16), buggy(key, xs, 32)
+    changed = int(np.sum(np.any(np.asarray(b16) != np.asarray(b32), axis=1)))
+    symptom = f"{changed} of 64 examples got different noise at batch size 16 vs 32"
     fixed = jax.jit(fixed_batch_keys, static_argnums=2)
-    f32, f64, f128 = (fixed(key, xs, b) for b in (32, 64, 128))
-    invariant = _same(f32, f64) and _same(f32, f128)
-    guard = f"invariant checked: example_keys(key, ids) gives bitwise the same noise at batch sizes 32, 64, 128: {invariant}"
+    f16, f32, f64 = (fixed(key, xs, b) for b in (16, 32, 64))
+    invariant = _same(f16, f32) and _same(f16, f64)
+    guard = f"invariant checked: example_keys(key, ids) gives bitwise the same noise at batch sizes 16, 32, 64: {invariant}"
     return Outcome(
         "keys that shift when the batch size changes",
         symptom,
@@ -270,7 +269,7 @@ def fixed_per_chain_bn(bns, states, xs):
 
 
 def pitfall_pooled_bn(key) -> Outcome:
-    bns, states = make_bn_chains(eqx_rng.derive(key, "init"))
+    bns, states = eqx.filter_jit(make_bn_chains)(eqx_rng.derive(key, "init"))
     xs = jr.normal(eqx_rng.derive(key, "x"), (CHAINS, BATCH, FEATURES))
     # Perturb chain 2's inputs only: chain 0's outputs must not move.
     xs2 = xs.at[2].add(10.0)

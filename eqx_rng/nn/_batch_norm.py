@@ -267,7 +267,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         **Raises:**
 
-        `ValueError` (at trace time) if `x.shape[0] != num_features`; in training
+        `ValueError` (at trace time) if `x.shape[0] != num_features` or `state`
+        holds statistics with an extra (chain or batch) axis; in training
         mode, if a name in `axis_name` is not bound by an enclosing vmap, or if the
         statistics would pool a single element (batch size 1 and no spatial
         dimensions).
@@ -291,13 +292,22 @@ class BatchNorm(eqx.nn.StatefulLayer):
         del key
         if inference is None:
             inference = self.inference
-        if x.shape[0] != self.num_features:
+        if x.ndim == 0 or x.shape[0] != self.num_features:
             raise ValueError(
                 f"`BatchNorm(num_features={self.num_features})` expects one example "
                 f"of shape ({self.num_features}, *spatial), got shape {x.shape}. "
                 f"BatchNorm acts on one example; batch with a vmap."
             )
         acc_mean = state.get(self.state_index)[0]
+        if acc_mean.shape != (self.num_features,):
+            raise ValueError(
+                f"`BatchNorm(num_features={self.num_features})` got a state whose "
+                f"running mean has shape {acc_mean.shape}, expected "
+                f"({self.num_features},): the state carries an extra (chain or batch) "
+                f"axis. Map that axis with the vmap it belongs to (`in_axes=0` for a "
+                f"per-chain state, as `eqx_rng.ensemble` makes it) and keep the state "
+                f"unmapped (`None`) under the batch vmap."
+            )
         dtype = _wider(x.dtype, acc_mean.dtype)
         spatial_axes = tuple(range(1, x.ndim))
         bcast = (self.num_features,) + (1,) * (x.ndim - 1)

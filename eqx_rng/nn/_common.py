@@ -78,10 +78,9 @@ def _check_range(
     upper_ok = v < high if high_open else v <= high
     if not (math.isfinite(v) and low <= v and upper_ok):
         bracket = ")" if high_open else "]"
-        interval = f"[{low}, {high}{bracket}" if math.isfinite(high) else f">= {low}"
+        allowed = f"in [{low}, {high}{bracket}" if math.isfinite(high) else f">= {low}"
         raise ValueError(
-            f"`{call}({arg}=...)` must be a finite number in {interval}, got "
-            f"{arg}={v!r}."
+            f"`{call}({arg}=...)` must be a finite number {allowed}, got {arg}={v!r}."
         )
 
 
