@@ -80,20 +80,25 @@ def _chain0_loss(runner: Runner, loss, *, last: bool) -> float:
 def measure(
     runners: list[Runner],
     *,
-    rounds: int,
-    target_s: float,
+    round_s: float,
+    budget_s: float,
+    min_rounds: int,
+    max_rounds: int | None = None,
     memory: bool = True,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[Measurement]:
-    """Time `runners` against each other in one process.
+    """Time `runners` against each other in one process, finely interleaved.
 
     For each runner: build the carry, time the first call (trace + compile + run),
-    warm up, and choose a number of calls per round that takes about `target_s`.
-    Then `rounds` rounds, each timing every runner once, the order rotated by one each
-    round so that machine drift and cache effects hit all runners alike. Every call
-    is blocked on (`jax.block_until_ready` of its loss) before the clock stops. Ratios are taken
-    against the runner marked `reference`, round by round. With `memory`, XLA's
-    memory analysis of each runner's compiled call is recorded.
+    warm up, and choose a number of calls per round that takes about `round_s`
+    (at least one). Then rounds, each timing every runner once, the order rotated by
+    one each round, until `budget_s` seconds have passed (at least `min_rounds`, at
+    most `max_rounds`). Short rounds and many of them: the runners compared in one
+    round ran within a fraction of a second of each other, so load from other
+    processes hits them alike, and the median over many rounds drops the bursts.
+    Every call is blocked on (`jax.block_until_ready` of its loss) before the clock
+    stops. Ratios are taken against the runner marked `reference`, round by round.
+    With `memory`, XLA's memory analysis of each runner's compiled call is recorded.
     """
     carries, steps, calls, firsts, losses, first_losses = [], [], [], [], [], []
     for runner in runners:
@@ -103,11 +108,11 @@ def measure(
         first_losses.append(_chain0_loss(runner, loss, last=False))
         t = runner.steps_per_call
         warm = []
-        while len(warm) < 3 and (len(warm) < 1 or sum(warm) < 2 * target_s):
+        while len(warm) < 3 and (len(warm) < 1 or sum(warm) < 2 * round_s):
             carry, loss, dt = _timed_call(runner, carry, t)
             t += runner.steps_per_call
             warm.append(dt)
-        n = max(1, round(target_s / statistics.median(warm)))
+        n = max(1, round(round_s / statistics.median(warm)))
         log(
             f"  {runner.label}: first call {first:.3f} s, "
             f"{statistics.median(warm) * 1e3 / runner.steps_per_call:.3f} ms/step, "
@@ -120,7 +125,11 @@ def measure(
         losses.append(loss)
 
     per_step: list[list[float]] = [[] for _ in runners]
-    for r in range(rounds):
+    start, r = time.perf_counter(), 0
+    while r < min_rounds or (
+        time.perf_counter() - start < budget_s
+        and (max_rounds is None or r < max_rounds)
+    ):
         for j in range(len(runners)):
             i = (j + r) % len(runners)
             runner = runners[i]
@@ -130,6 +139,7 @@ def measure(
                 steps[i] += runner.steps_per_call
                 total += dt
             per_step[i].append(total / (calls[i] * runner.steps_per_call))
+        r += 1
 
     results = [
         Measurement(

@@ -9,16 +9,17 @@ from ._workload import Size
 class Suite:
     name: str
     sizes: tuple[Size, ...]
-    rounds: int
-    target_s: float  # seconds of calls per runner per round
+    round_s: float  # seconds of calls per runner per round (at least one call)
+    budget_s: dict[str, float]  # seconds of timed rounds per size (by name)
+    min_rounds: int
     roles: dict[str, str]  # "tiny" / "c1" / "cmax" -> size name, for the targets
+    max_rounds: int | None = None
     typecheck_roles: tuple[str, ...] = ("tiny",)
     typecheck_variants: tuple[str, ...] = ("step", "multi")  # eqx_rng's, in the child
-    memory_sizes: tuple[str, ...] | None = (
-        None  # sizes with AOT compile + memory; None: all
-    )
-    variants: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # sizes whose compiled memory is recorded; None: all
+    memory_sizes: tuple[str, ...] | None = None
     # implementation ("raw JAX", ...) -> the variants to run; absent: all of them
+    variants: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def full() -> Suite:
@@ -31,8 +32,9 @@ def full() -> Suite:
     return Suite(
         "full",
         sizes,
-        rounds=7,
-        target_s=0.25,
+        round_s=0.02,
+        budget_s={"tiny": 20, "C=1": 25, "C=8": 30, "C=32": 60},
+        min_rounds=9,
         roles={"tiny": "tiny", "c1": "C=1", "cmax": "C=32"},
         typecheck_roles=("tiny", "c1"),
     )
@@ -46,8 +48,9 @@ def quick() -> Suite:
     return Suite(
         "quick",
         sizes,
-        rounds=3,
-        target_s=0.02,
+        round_s=0.005,
+        budget_s={},
+        min_rounds=3,
         roles={"tiny": "tiny", "cmax": "C=4"},
         typecheck_roles=("tiny",),
         typecheck_variants=("step",),
@@ -55,17 +58,25 @@ def quick() -> Suite:
     )
 
 
-def gpu_sizes(quick: bool) -> tuple[Size, ...]:
+def gpu(quick: bool) -> Suite:
     """Up to 1024 chains x batch 128 at hidden 1024 (`--quick`: 1, 2, 4 chains)."""
     chains = (1, 2, 4) if quick else (1, 8, 32, 128, 256, 512, 1024)
-    return tuple(
+    sizes = tuple(
         Size(
             f"C={c}",
             hidden=1024,
             batch=128,
             chains=c,
-            steps_per_call=4,
+            steps_per_call=4,  # the data pool; only single-call steps are timed
             vmap_chains=True,
         )
         for c in chains
+    )
+    return Suite(
+        "gpu-quick" if quick else "gpu",
+        sizes,
+        round_s=0.02 if quick else 0.1,
+        budget_s={size.name: 1.0 if quick else 20.0 for size in sizes},
+        min_rounds=2 if quick else 7,
+        roles={},
     )

@@ -127,9 +127,16 @@ def runners_for(size: Size, data, impls=IMPLEMENTATIONS, variants=None):
 
 
 def run_sizes(
-    sizes, *, rounds, target_s, memory_sizes=None, impls=IMPLEMENTATIONS, variants=None
+    sizes,
+    suite: _suites.Suite,
+    *,
+    memory_sizes=None,
+    impls=IMPLEMENTATIONS,
+    variants=None,
+    budget_scale: float = 1.0,
 ):
-    """Measure every size; AOT compile and memory only for `memory_sizes` (None: all)."""
+    """Measure every size with the suite's timing; compiled memory only for
+    `memory_sizes` (None: all)."""
     results = []
     for size in sizes:
         log(
@@ -139,13 +146,20 @@ def run_sizes(
         runners = runners_for(size, data, impls, variants)
         memory = memory_sizes is None or size.name in memory_sizes
         measured = _harness.measure(
-            runners, rounds=rounds, target_s=target_s, memory=memory, log=log
+            runners,
+            round_s=suite.round_s,
+            budget_s=budget_scale * suite.budget_s.get(size.name, 0.0),
+            min_rounds=suite.min_rounds,
+            max_rounds=suite.max_rounds,
+            memory=memory,
+            log=log,
         )
         order = [impl.NAME for impl in IMPLEMENTATIONS]
         measured.sort(key=lambda m: order.index(m.runner.impl))  # stable
         results.append(
             {
                 "size": {**size.__dict__, "examples_per_step": size.examples_per_step},
+                "rounds": len(measured[0].per_step_s),
                 "measurements": [m.to_json() for m in measured],
             }
         )
@@ -192,8 +206,8 @@ def typecheck_child(suite: _suites.Suite, path: str) -> None:
     sizes = [s for s in suite.sizes if s.name in wanted]
     results = run_sizes(
         sizes,
-        rounds=suite.rounds,
-        target_s=suite.target_s,
+        suite,
+        budget_scale=0.5,
         memory_sizes=(),
         impls=(_raw_jax, _eqx_rng),
         variants={_raw_jax.NAME: ("step",), _eqx_rng.NAME: suite.typecheck_variants},
@@ -275,7 +289,7 @@ def profile(size: Size, out_dir: Path | None, n_calls: int) -> list[str]:
     return lines
 
 
-def gpu_suite(args) -> dict:
+def gpu_suite(args, suite: _suites.Suite) -> dict:
     platform_ = jax.devices()[0].platform
     peak_n = 4096 if platform_ != "cpu" else (512 if args.quick else 1024)
     peak = _harness.matmul_peak_flops(peak_n)
@@ -286,7 +300,7 @@ def gpu_suite(args) -> dict:
     else:
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows, skipped, sizes_out = [], [], []
-    for size in _suites.gpu_sizes(args.quick):
+    for size in suite.sizes:
         # two carries alive (params + Adam) and one step's temporaries (grads, new
         # params, activations) for the running one.
         per_chain = 4 * (11 * size.n_params() + 24 * size.batch * size.hidden)
@@ -298,8 +312,7 @@ def gpu_suite(args) -> dict:
             continue
         sr = run_sizes(
             [size],
-            rounds=args.rounds or (2 if args.quick else 5),
-            target_s=0.05 if args.quick else 0.5,
+            suite,
             impls=(_raw_jax, _eqx_rng),
             variants={_raw_jax.NAME: ("step",), _eqx_rng.NAME: ("step",)},
         )[0]
@@ -368,9 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         # representative and are not reported anywhere.
         flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
         os.environ["XLA_FLAGS"] = flags.strip()
-    suite = _suites.quick() if args.quick else _suites.full()
+    if args.gpu:
+        suite = _suites.gpu(args.quick)
+    else:
+        suite = _suites.quick() if args.quick else _suites.full()
     if args.rounds:
-        suite = _suites.dataclasses.replace(suite, rounds=args.rounds)
+        suite = _suites.dataclasses.replace(
+            suite, min_rounds=args.rounds, max_rounds=args.rounds
+        )
     if args.sizes:
         names = args.sizes.split(",")
         unknown = set(names) - {s.name for s in suite.sizes}
@@ -393,20 +411,19 @@ def main(argv: list[str] | None = None) -> int:
         argv if argv is not None else sys.argv[1:]
     )
     results: dict = {
-        "suite": ("gpu" + ("-quick" if args.quick else "")) if args.gpu else suite.name,
+        "suite": suite.name,
         "command": command.strip(),
         "env": environment(),
-        "roles": {} if args.gpu else suite.roles,
+        "roles": suite.roles,
         "sizes": [],
     }
     ok = True
     if args.gpu:
-        results["gpu"] = gpu_suite(args)
+        results["gpu"] = gpu_suite(args, suite)
     else:
         results["sizes"] = run_sizes(
             suite.sizes,
-            rounds=suite.rounds,
-            target_s=suite.target_s,
+            suite,
             memory_sizes=suite.memory_sizes,
             variants=suite.variants,
         )

@@ -15,10 +15,11 @@ offset 0   8 bytes   magic b"EQXRNGCK"
 ```
 
 Each header leaf entry holds the leaf's key path (`jax.tree_util.keystr`), dtype,
-shape, offset and size; a typed PRNG key array is stored as its `jr.key_data` with
-the key implementation's name (`jr.key_impl`), and becomes a typed key array again on
-load. Only array leaves are stored: everything else (the tree structure, activation
-functions, Python numbers, static fields) comes from the `like` tree given to `load`.
+shape, offset and size (and whether it is weakly typed, as `jnp.asarray(0.5)` is);
+a typed PRNG key array is stored as its `jr.key_data` with the key implementation's
+name (`jr.key_impl`), and becomes a typed key array again on load. Only array
+leaves are stored: everything else (the tree structure, activation functions, Python
+numbers, static fields) comes from the `like` tree given to `load`.
 
 A file is written to a temporary file in the same directory (`.{name}.{random}.tmp`),
 flushed and `fsync`ed, renamed over `path` with `os.replace` (atomic), and the
@@ -142,6 +143,23 @@ def _storable(dtype: np.dtype) -> bool:
         return False
 
 
+def _is_weak(leaf: Any) -> bool:
+    aval = getattr(leaf, "aval", None)
+    return bool(getattr(aval, "weak_type", False))
+
+
+def _make_weak(x: jax.Array) -> jax.Array:
+    """`x` as a weakly typed array (as `jnp.asarray(0.5)` is), so that a restored
+    leaf promotes, and compiles, exactly as the saved one did. JAX has no public
+    function for this; without the private one the array stays strongly typed."""
+    try:
+        from jax._src.lax import lax as lax_internal
+
+        return lax_internal._convert_element_type(x, x.dtype, weak_type=True)  # type: ignore[return-value]
+    except Exception:  # pragma: no cover - a JAX version without it
+        return x
+
+
 def _align(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
@@ -236,6 +254,8 @@ def _save(
             "offset": offset,
             "nbytes": int(data.nbytes),
         }
+        if _is_weak(leaf):
+            record["weak_type"] = True
         if impl is not None:
             record["key_impl"] = impl
             record["data_dtype"] = _dtype_name(data.dtype)
@@ -509,9 +529,12 @@ def _restore_leaf(path: Path, payload: bytes, record: dict, like: Any) -> Any:
         if sharding is not None:
             value = jax.device_put(value, sharding)
         return value
+    value = jnp.asarray(data)
+    if record.get("weak_type", False):
+        value = _make_weak(value)
     if sharding is not None:
-        return jax.device_put(data, sharding)
-    return jnp.asarray(data)
+        value = jax.device_put(value, sharding)
+    return value
 
 
 @typecheck

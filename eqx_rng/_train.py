@@ -120,9 +120,7 @@ class TrainState(eqx.Module):
             import optax
 
             key = jr.key(0)
-            model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
-                3, "batch"
-            )
+            model, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(3)
             ts = eqx_rng.TrainState.create(
                 model, optax.adam(1e-3), key=eqx_rng.derive(key, "train"),
                 state=state,
@@ -193,18 +191,29 @@ def _global_norm(tree: Any) -> Array:
     acc_dtype = jnp.float64 if wide else jnp.float32
     total = jnp.zeros((), acc_dtype)
     for x in leaves:
-        sq = jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else jnp.square(x)
-        total = total + jnp.sum(sq.astype(acc_dtype))
+        if jnp.iscomplexobj(x):
+            sq = jnp.real(x * jnp.conj(x)).astype(acc_dtype)
+        else:
+            sq = jnp.square(x.astype(acc_dtype))
+        total = total + jnp.sum(sq)
     return jnp.sqrt(total)
 
 
 def _apply_updates(model: Any, updates: Any) -> Any:
-    """`eqx.apply_updates`, keeping each parameter's dtype."""
+    """`eqx.apply_updates`, keeping each parameter's dtype.
+
+    A bfloat16 parameter with a float32 update is updated in float32 and cast back
+    (as `optax.apply_updates` does), explicitly, so strict dtype promotion is fine.
+    """
 
     def apply(u, p):
         if u is None:
             return p
-        return (p + u).astype(p.dtype)
+        if u.dtype == p.dtype:
+            return p + u
+        with jax.numpy_dtype_promotion("standard"):
+            common = jnp.promote_types(p.dtype, u.dtype)
+        return (p.astype(common) + u.astype(common)).astype(p.dtype)
 
     return jtu.tree_map(apply, updates, model, is_leaf=lambda x: x is None)
 

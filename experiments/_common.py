@@ -364,7 +364,7 @@ def plot_learning_curves(
     """
     chains = train_loss.shape[0]
     colours = plt.get_cmap("tab10" if chains <= 10 else "viridis")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     panels = [
         (axes[0], train_steps, train_loss, "training loss (cross-entropy)", True),
         (axes[1], eval_steps, test_accuracy, "test accuracy", False),
@@ -399,9 +399,7 @@ def plot_learning_curves(
     axes[0].legend(
         handles, labels, fontsize=7, ncol=2 if chains > 4 else 1, loc="upper right"
     )
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish(fig, path, title)
 
 
 def plot_reliability(
@@ -422,7 +420,6 @@ def plot_reliability(
         squeeze=False,
         gridspec_kw={"height_ratios": [3, 1]},
         sharex=True,
-        constrained_layout=True,
     )
     for j, (name, rel, acc) in enumerate(panels):
         ax, hist = axes[0, j], axes[1, j]
@@ -455,7 +452,9 @@ def plot_reliability(
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{name}\naccuracy {acc:.3f}, ECE {rel.ece:.4f}")
+        ax.set_title(
+            f"{name}\naccuracy {acc:.3f}, ECE {rel.ece:.4f}, n = {int(rel.counts.sum())}"
+        )
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(alpha=0.3)
         share = rel.counts / max(int(rel.counts.sum()), 1)
@@ -467,8 +466,14 @@ def plot_reliability(
         hist.set_xlabel("confidence (top predicted probability)")
         hist.set_ylabel("share of predictions")
         hist.grid(alpha=0.3)
+    finish(fig, path, title)
+
+
+def finish(fig: Any, path: Path, title: str, *, dpi: int = 110) -> None:
+    """Title, tight layout (much cheaper than constrained layout), save, close."""
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

@@ -87,7 +87,14 @@ class Config:
     @classmethod
     def tiny(cls) -> "Config":
         """A smoke configuration of a few seconds that still passes the checks."""
-        return cls(steps=20_000, burn_in=2_000, thin=5, batch_size=250, step_scale=0.2)
+        return cls(
+            chains=4,
+            steps=12_000,
+            burn_in=1_200,
+            thin=4,
+            batch_size=200,
+            step_scale=0.25,
+        )
 
     def validate(self) -> None:
         if self.chains < 2:
@@ -400,7 +407,7 @@ def plot(
     d = len(names)
     steps = (np.arange(draws.shape[1]) + 1) * cfg.thin
     post = draws[:, cfg.burn_in // cfg.thin :]
-    fig = plt.figure(figsize=(4.2 * (d + 1), 7.5), constrained_layout=True)
+    fig = plt.figure(figsize=(4.2 * (d + 1), 7.5))
     grid = fig.add_gridspec(2, d + 1)
     colours = plt.get_cmap("tab10")
     for j, name in enumerate(names):
@@ -446,13 +453,22 @@ def plot(
             lw=1.5,
             label="exact posterior",
         )
+        psd = res["predicted_sgld_sd"][j]
+        ax.plot(
+            xs,
+            np.exp(-0.5 * ((xs - mu) / psd) ** 2) / (psd * math.sqrt(2 * math.pi)),
+            color="tab:red",
+            ls="--",
+            lw=1.2,
+            label="SGLD's predicted stationary law",
+        )
         ax.set_xlim(xs[0], xs[-1])
         ax.set_xlabel(name)
         ax.set_ylabel("density")
         ax.set_title(
             f"{name}: z = {res['z_scores'][j]:+.2f}, R-hat {res['rhat'][j]:.4f}"
         )
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=6, loc="upper left")
     ax = fig.add_subplot(grid[:, d])
     pts = post[:, :: max(1, post.shape[1] // 400), :2].reshape(-1, 2)
     ax.scatter(
@@ -475,9 +491,7 @@ def plot(
     ax.set_ylabel(names[1])
     ax.set_title(f"joint posterior of {names[0]}, {names[1]}")
     ax.legend(fontsize=8, loc="upper right")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _common.finish(fig, path, title, dpi=100)
 
 
 # ------------------------------------------------------------------------------- CLI

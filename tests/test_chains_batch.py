@@ -20,7 +20,7 @@ nn = pytest.importorskip("eqx_rng.nn")
 C, B, D_IN, WIDTH, D_OUT = 4, 32, 8, 16, 2
 
 
-def make_net(*, key, axis_name="batch", p=0.2, std=0.1):
+def make_net(*, key, axis_name: str | tuple[str, ...] = "batch", p=0.2, std=0.1):
     key1, key2 = jr.split(key)
     return eqx.nn.Sequential(
         [
@@ -225,7 +225,7 @@ def test_gradients_per_chain():
     for c in (0, C - 1):
 
         @eqx.filter_grad
-        def grad_c(model):
+        def grad_c(model, c=c):
             y, _ = one_chain(model, _chain(states, c), xs, key=eqx_rng.derive(key, c))
             return jnp.sum((y - targets) ** 2)
 

@@ -78,6 +78,14 @@ def test_round_trip_mixed_tree(tmp_path):
     assert jnp.array_equal(jr.normal(back["key"], (2,)), jr.normal(tree["key"], (2,)))
 
 
+def test_weak_types_round_trip(tmp_path):
+    tree = {"weak": jnp.asarray(0.5), "strong": jnp.float32(0.5)}
+    assert tree["weak"].aval.weak_type and not tree["strong"].aval.weak_type
+    eqx_rng.save(tmp_path / "a", tree)
+    back = eqx_rng.load(tmp_path / "a", jax.eval_shape(lambda: tree))
+    assert back["weak"].aval.weak_type and not back["strong"].aval.weak_type
+
+
 def test_load_into_shape_dtype_structs(tmp_path):
     tree = _mixed_tree()
     eqx_rng.save(tmp_path / "a", tree)

