@@ -76,6 +76,11 @@ def forward(params, bn_state, x, step_key, size: Size):
     """Logits for a batch `x` of shape `(batch, in)` and the new BatchNorm state."""
     ids = jnp.arange(x.shape[0])
     example_keys = jax.vmap(jr.fold_in, in_axes=(None, 0))(step_key, ids)
+    return forward_with_keys(params, bn_state, x, example_keys, size)
+
+
+def forward_with_keys(params, bn_state, x, example_keys, size: Size):
+    """`forward` with the per-example keys (shape `(batch,)`) given, pre-split."""
     role_keys = jax.vmap(lambda k: jr.split(k, 4))(example_keys)  # (batch, 4)
     h = _linear(params["lin1"], x)
     h, stats1 = _batch_norm(params["bn1"], h, size)

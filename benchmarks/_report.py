@@ -245,6 +245,16 @@ def targets(results: dict) -> list[dict[str, Any]]:
         r = _row(sr, "eqx_rng", spc=1)
         if r is not None:
             add(f"{sr['size']['name']}: compile ≤ 1.30x raw", r["compile_ratio"], 1.30)
+    fw = results.get("forward")
+    if fw:
+        r = next(r for r in derived(fw) if r["impl"] == "eqx_rng")
+        add(
+            f"{fw['size']['name']}: chains x batch forward, nested eqx_rng.vmap "
+            "≤ 1.05x jax.vmap with pre-split keys",
+            r["ratio"],
+            1.05,
+            best=r["ratio_best"],
+        )
     tc = results.get("typecheck")
     if tc:
         for row in tc["rows"]:
@@ -267,6 +277,25 @@ def targets_table(rows: list[dict]) -> str:
         b = "—" if t.get("best") is None else f"{t['best']:.2f}"
         met = {True: "yes", False: "**no**", None: "no data"}[t["met"]]
         lines.append(f"| {t['target']} | {v} | {b} | {met} |")
+    return "\n".join(lines)
+
+
+def forward_table(fw: dict) -> str:
+    lines = [
+        f"{size_title(fw['size'])}; {fw['rounds']} rounds.",
+        "",
+        "| implementation | time / call (min – max) | examples/s | × raw JAX "
+        "(min – max) | best / best | memory |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in derived(fw):
+        mem = "—" if r["memory_mib"] is None else f"{r['memory_mib']:.1f} MiB"
+        lines.append(
+            f"| {r['impl']} | {_fmt_time(r['median_s'])} ({_fmt_time(r['min_s'])} – "
+            f"{_fmt_time(r['max_s'])}) | {r['examples_per_s']:,.0f} | "
+            f"{_fmt_ratio(r['ratio'])} ({_fmt_ratio(r['ratio_min'])} – "
+            f"{_fmt_ratio(r['ratio_max'])}) | {_fmt_ratio(r['ratio_best'])} | {mem} |"
+        )
     return "\n".join(lines)
 
 
@@ -351,6 +380,19 @@ def markdown(results: dict) -> str:
             "with the raw-JAX runner that does the same steps per call.",
             "",
             compile_memory_table(results),
+            "",
+        ]
+    if results.get("forward"):
+        parts += [
+            "## chains x batch forward: `eqx_rng.vmap` vs `jax.vmap`",
+            "",
+            "Training-mode forward of C chains x B examples in one jitted call. "
+            "eqx_rng: one key in, nested `eqx_rng.vmap` (chains outer, "
+            '`axis_name="batch"` inner), keys derived inside the program. Raw JAX: '
+            "`jax.jit(jax.vmap(...))` over chains with the `(C, B)` keys split before "
+            "timing. Same numbers (see Checks).",
+            "",
+            forward_table(results["forward"]),
             "",
         ]
     if results.get("typecheck"):

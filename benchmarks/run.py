@@ -36,6 +36,7 @@ import jax  # noqa: E402
 from benchmarks import (  # noqa: E402
     _eqx_rng,
     _flax_nnx,
+    _forward,
     _harness,
     _plain_eqx,
     _raw_jax,
@@ -271,6 +272,29 @@ def typecheck_compare(suite: _suites.Suite, args, main_sizes: list[dict]) -> dic
     return {"rows": rows, "child": child}
 
 
+def forward_suite(suite: _suites.Suite) -> dict:
+    """Chains x batch forward at the suite's largest chain count: nested
+    `eqx_rng.vmap` with one key in against `jax.vmap` with pre-split keys."""
+    size = next(s for s in suite.sizes if s.name == suite.roles["cmax"])
+    log(f"[forward] {size.name}: chains x batch forward, eqx_rng.vmap vs jax.vmap")
+    data = make_data(size)
+    diff = _forward.same_numbers(size, data)
+    measured = _harness.measure(
+        _forward.runners(size, data),
+        round_s=suite.round_s,
+        budget_s=suite.budget_s.get(size.name, 0.0) / 2,
+        min_rounds=suite.min_rounds,
+        max_rounds=suite.max_rounds,
+        log=log,
+    )
+    return {
+        "size": {**size.__dict__, "examples_per_step": size.examples_per_step},
+        "rounds": len(measured[0].per_step_s),
+        "max_abs_diff": diff,
+        "measurements": [m.to_json() for m in measured],
+    }
+
+
 def profile(size: Size, out_dir: Path | None, n_calls: int) -> list[str]:
     """cProfile of the Python dispatch path of each single-call step at `size`."""
     from benchmarks import _profile
@@ -431,6 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         results["checks"] = checks
         for line in checks:
             log(line)
+        if "cmax" in suite.roles and suite.roles["cmax"] in {
+            s.name for s in suite.sizes
+        }:
+            results["forward"] = forward_suite(suite)
+            results["checks"].append(
+                "chains x batch forward: eqx_rng vs raw JAX logits, max |Δ| = "
+                f"{results['forward']['max_abs_diff']:.1e}"
+            )
         wanted = {suite.roles[r] for r in suite.typecheck_roles}
         if not args.no_typecheck and wanted & {s.name for s in suite.sizes}:
             results["typecheck"] = typecheck_compare(suite, args, results["sizes"])

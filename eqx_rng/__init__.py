@@ -1,6 +1,6 @@
 """eqx_rng: explicit, addressable randomness for Equinox models."""
 
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from ._custom_types import Key as Key, KeyGrid as KeyGrid
 from ._keys import (
@@ -43,4 +43,4 @@ from ._checkpoint import (
 # isort: split
 from . import debug as debug, nn as nn
 
-__version__ = importlib.metadata.version("eqx_rng")
+__version__ = _metadata.version("eqx_rng")

@@ -43,10 +43,17 @@ def test_quick(tmp_path):
             assert math.isfinite(m["first_loss"]) and math.isfinite(m["final_loss"])
     assert {"raw JAX", "eqx_rng", "plain Equinox"} <= impls
     assert results["typecheck"]["rows"]
-    assert results["checks"][-1].endswith("yes")
+    assert any(
+        c.startswith("all first-step losses") and c.endswith("yes")
+        for c in results["checks"]
+    )
+    forward = results["forward"]
+    assert forward["max_abs_diff"] < 1e-4  # the same numbers, both ways
+    assert {m["impl"] for m in forward["measurements"]} == {"raw JAX", "eqx_rng"}
     assert results["targets"]
     text = (tmp_path / "results.md").read_text()
     assert "## Step time" in text and "## Targets" in text
+    assert "## chains x batch forward" in text
 
 
 def test_gpu_quick_runs_on_cpu(tmp_path):

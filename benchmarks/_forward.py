@@ -1,0 +1,111 @@
+"""Chains x batch forward pass: `eqx_rng.vmap` nested against hand-written `jax.vmap`.
+
+The training-mode forward of the workload's model (BatchNorm with this batch's
+statistics, Dropout, GaussianNoise) for C chains x B examples, one jitted call:
+
+- **eqx_rng**: models and states from `eqx_rng.ensemble`, an outer `eqx_rng.vmap`
+  over chains around an inner `eqx_rng.vmap(axis_name="batch")` over the examples;
+  one key goes in and example `(c, b)` draws from `derive(key, c, b)` inside the
+  program.
+- **raw JAX**: parameter dicts, `jax.jit(jax.vmap(...))` over chains around the
+  batch-level forward, keys pre-split outside the timed call
+  (`grid_keys(key, (C, B))`, the same keys, passed in as a `(C, B)` key array).
+
+Both compute the same numbers (checked before timing). The ratio answers "what
+does `eqx_rng.vmap` cost inside jit?": its checks run at trace time, so nothing.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import eqx_rng
+
+from . import _eqx_rng, _raw_jax
+from ._runner import Runner
+from ._workload import Data, Size, chain_keys, seed_key
+
+VARIANT = "chains x batch forward"
+
+
+def _eqx_rng_runner(size: Size, x: jax.Array, keys: list[jax.Array]) -> Runner:
+    def per_chain(model, state, x, *, key):
+        def per_example(x, state, *, key):
+            return model(x, state, key=key)
+
+        return eqx_rng.vmap(per_example, axis_name="batch")(x, state, key=key)
+
+    forward = eqx.filter_jit(eqx_rng.vmap(per_chain, in_axes=(0, 0, None)))
+    make = eqx.nn.make_with_state(_eqx_rng.RngMLP)
+
+    def make_chain(*, key):
+        init_key, _ = jax.random.split(key)  # the training benchmarks' init key
+        return make(size, key=init_key)
+
+    def init():
+        return eqx_rng.ensemble(make_chain, seed_key(), size.chains)
+
+    def call(carry, t):
+        models, states = carry
+        logits, _ = forward(models, states, x, key=keys[t % len(keys)])
+        return carry, jnp.mean(logits, axis=(1, 2))
+
+    def lowerable(carry, t):
+        models, states = carry
+        return (
+            lambda m, s, x, k: forward(m, s, x, key=k),
+            (models, states, x, keys[t % len(keys)]),
+        )
+
+    return Runner(_eqx_rng.NAME, VARIANT, 1, init, call, lowerable)
+
+
+def _raw_runner(size: Size, x: jax.Array, keys: list[jax.Array]) -> Runner:
+    def per_chain(params, bn_state, x, example_keys):
+        return _raw_jax.forward_with_keys(params, bn_state, x, example_keys, size)
+
+    forward = jax.jit(jax.vmap(per_chain, in_axes=(0, 0, None, 0)))
+
+    def init():
+        init_keys = jax.vmap(lambda k: jax.random.split(k)[0])(chain_keys(size.chains))
+        params = jax.vmap(lambda k: _raw_jax.init_params(size, k))(init_keys)
+        one = _raw_jax.init_bn_state(size)
+        bn = jax.tree_util.tree_map(
+            lambda a: jnp.broadcast_to(a, (size.chains, *a.shape)), one
+        )
+        return params, bn
+
+    def call(carry, t):
+        params, bn = carry
+        logits, _ = forward(params, bn, x, keys[t % len(keys)])
+        return carry, jnp.mean(logits, axis=(1, 2))
+
+    def lowerable(carry, t):
+        params, bn = carry
+        return forward, (params, bn, x, keys[t % len(keys)])
+
+    return Runner(_raw_jax.NAME, VARIANT, 1, init, call, lowerable, reference=True)
+
+
+def runners(size: Size, data: Data) -> list[Runner]:
+    """The two forward runners at `size` (raw JAX is the reference).
+
+    Call `t` uses step key `derive(seed, t)` (eqx_rng: that one key; raw JAX: its
+    `grid_keys(step_key, (C, B))`), both made before timing, a pool as long as the
+    data pool reused cyclically, so neither pays for eager key arithmetic per call.
+    """
+    x = data.x_list[0]
+    step_keys = [eqx_rng.derive(seed_key(), t) for t in range(len(data.x_list))]
+    grids = [eqx_rng.grid_keys(k, (size.chains, size.batch)) for k in step_keys]
+    jax.block_until_ready((step_keys, grids))
+    return [_raw_runner(size, x, grids), _eqx_rng_runner(size, x, step_keys)]
+
+
+def same_numbers(size: Size, data: Data) -> float:
+    """Largest absolute difference between the two implementations' logits."""
+    outs = []
+    for runner in runners(size, data):
+        assert runner.lowerable is not None
+        fn, args = runner.lowerable(runner.init(), 0)
+        outs.append(fn(*args)[0])
+    return float(jnp.max(jnp.abs(outs[0] - outs[1])))
