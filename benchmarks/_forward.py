@@ -9,10 +9,15 @@ statistics, Dropout, GaussianNoise) for C chains x B examples, one jitted call:
   program.
 - **raw JAX**: parameter dicts, `jax.jit(jax.vmap(...))` over chains around the
   batch-level forward, keys pre-split outside the timed call
-  (`grid_keys(key, (C, B))`, the same keys, passed in as a `(C, B)` key array).
+  (`grid_keys(key, (C, B))`, the same keys, passed in as a `(C, B)` key array): the
+  reference.
+- **raw JAX, keys derived in jit**: the same, but one step key goes in and the
+  program folds in `c` and `b` itself, as eqx_rng does.
 
-Both compute the same numbers (checked before timing). The ratio answers "what
-does `eqx_rng.vmap` cost inside jit?": its checks run at trace time, so nothing.
+All compute the same numbers (checked before timing). eqx_rng against the second
+raw runner answers "what does `eqx_rng.vmap` cost inside jit?" (its checks run at
+trace time); against the first, what deriving keys on device costs over splitting
+them ahead of time.
 """
 
 import equinox as eqx
@@ -25,7 +30,9 @@ from . import _eqx_rng, _raw_jax
 from ._runner import Runner
 from ._workload import Data, Size, chain_keys, seed_key
 
-VARIANT = "chains x batch forward"
+VARIANT = "one key in, nested eqx_rng.vmap"
+PRE_SPLIT = "jax.vmap, keys pre-split"
+KEYS_IN_JIT = "jax.vmap, keys derived in jit"
 
 
 def _eqx_rng_runner(size: Size, x: jax.Array, keys: list[jax.Array]) -> Runner:
@@ -60,11 +67,32 @@ def _eqx_rng_runner(size: Size, x: jax.Array, keys: list[jax.Array]) -> Runner:
     return Runner(_eqx_rng.NAME, VARIANT, 1, init, call, lowerable)
 
 
-def _raw_runner(size: Size, x: jax.Array, keys: list[jax.Array]) -> Runner:
+def _grid(step_key: jax.Array, chains: int, batch: int) -> jax.Array:
+    """`fold_in(fold_in(step_key, c), b)` for every (c, b), inside the program."""
+    per_chain = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        step_key, jnp.arange(chains)
+    )
+    return jax.vmap(
+        lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, jnp.arange(batch))
+    )(per_chain)
+
+
+def _raw_runner(
+    size: Size, x: jax.Array, keys: list[jax.Array], *, derive_in_jit: bool
+) -> Runner:
+    """Raw JAX; `keys` are `(C, B)` grids (pre-split) or, with `derive_in_jit`,
+    step keys that the program turns into the grid itself."""
+
     def per_chain(params, bn_state, x, example_keys):
         return _raw_jax.forward_with_keys(params, bn_state, x, example_keys, size)
 
-    forward = jax.jit(jax.vmap(per_chain, in_axes=(0, 0, None, 0)))
+    chains = jax.vmap(per_chain, in_axes=(0, 0, None, 0))
+    if derive_in_jit:
+        forward = jax.jit(
+            lambda p, s, x, k: chains(p, s, x, _grid(k, size.chains, size.batch))
+        )
+    else:
+        forward = jax.jit(chains)
 
     def init():
         init_keys = jax.vmap(lambda k: jax.random.split(k)[0])(chain_keys(size.chains))
@@ -84,11 +112,15 @@ def _raw_runner(size: Size, x: jax.Array, keys: list[jax.Array]) -> Runner:
         params, bn = carry
         return forward, (params, bn, x, keys[t % len(keys)])
 
-    return Runner(_raw_jax.NAME, VARIANT, 1, init, call, lowerable, reference=True)
+    variant = KEYS_IN_JIT if derive_in_jit else PRE_SPLIT
+    return Runner(
+        _raw_jax.NAME, variant, 1, init, call, lowerable, reference=not derive_in_jit
+    )
 
 
 def runners(size: Size, data: Data) -> list[Runner]:
-    """The two forward runners at `size` (raw JAX is the reference).
+    """The forward runners at `size`: raw JAX with pre-split keys (the reference),
+    raw JAX deriving the same keys inside the program, and eqx_rng.
 
     Call `t` uses step key `derive(seed, t)` (eqx_rng: that one key; raw JAX: its
     `grid_keys(step_key, (C, B))`), both made before timing, a pool as long as the
@@ -98,14 +130,19 @@ def runners(size: Size, data: Data) -> list[Runner]:
     step_keys = [eqx_rng.derive(seed_key(), t) for t in range(len(data.x_list))]
     grids = [eqx_rng.grid_keys(k, (size.chains, size.batch)) for k in step_keys]
     jax.block_until_ready((step_keys, grids))
-    return [_raw_runner(size, x, grids), _eqx_rng_runner(size, x, step_keys)]
+    return [
+        _raw_runner(size, x, grids, derive_in_jit=False),
+        _raw_runner(size, x, step_keys, derive_in_jit=True),
+        _eqx_rng_runner(size, x, step_keys),
+    ]
 
 
 def same_numbers(size: Size, data: Data) -> float:
-    """Largest absolute difference between the two implementations' logits."""
+    """Largest absolute difference between the raw-JAX reference's logits and
+    those of the other runners."""
     outs = []
     for runner in runners(size, data):
         assert runner.lowerable is not None
         fn, args = runner.lowerable(runner.init(), 0)
         outs.append(fn(*args)[0])
-    return float(jnp.max(jnp.abs(outs[0] - outs[1])))
+    return max(float(jnp.max(jnp.abs(outs[0] - out))) for out in outs[1:])

@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         }:
             results["forward"] = forward_suite(suite)
             results["checks"].append(
-                "chains x batch forward: eqx_rng vs raw JAX logits, max |Δ| = "
+                "chains x batch forward: logits against raw JAX with pre-split keys, max |Δ| = "
                 f"{results['forward']['max_abs_diff']:.1e}"
             )
         wanted = {suite.roles[r] for r in suite.typecheck_roles}
