@@ -359,7 +359,8 @@ def tree_normal(key: Key, tree: PyTree) -> PyTree:
     """Standard normal noise shaped and typed like each floating-point leaf.
 
     Leaf `x` with `split_like` key `k` gets `jax.random.normal(k, x.shape, x.dtype)`
-    (complex leaves get complex normal noise); other leaves get `None`. Draws for
+    (complex leaves get complex normal noise; a NumPy float64 leaf gets float32
+    noise unless x64 is on, as JAX would make of it); other leaves get `None`. Draws for
     different leaves are independent, and a leaf's draw does not change when other
     leaves are added.
 
@@ -385,7 +386,9 @@ def tree_normal(key: Key, tree: PyTree) -> PyTree:
     def draw(leaf: Any, k: Any) -> Any:
         if k is None or not jnp.issubdtype(leaf.dtype, jnp.inexact):
             return None
-        return jr.normal(k, leaf.shape, leaf.dtype)
+        # A NumPy float64 leaf without x64 gets float32 noise, as `jnp.asarray(leaf)`
+        # would, without JAX's truncation warning.
+        return jr.normal(k, leaf.shape, jax.dtypes.canonicalize_dtype(leaf.dtype))
 
     leaves, treedef = jtu.tree_flatten(tree)
     key_leaves = treedef.flatten_up_to(keys)

@@ -282,6 +282,12 @@ def test_tree_normal_shapes_dtypes_and_none():
     assert noise["i"] is None and noise["py"] is None
 
 
+def test_tree_normal_numpy_float64_leaf_gets_float32_without_warning():
+    # pytest turns warnings into errors: JAX's float64 truncation warning would fail.
+    noise = eqx_rng.tree_normal(jr.key(0), {"w": np.zeros(3)})
+    assert noise["w"].dtype == jnp.float32 and noise["w"].shape == (3,)
+
+
 def test_tree_normal_matches_split_like_keys():
     k = jr.key(4)
     tree = {"a": jnp.zeros(5), "b": jnp.zeros((2, 2), jnp.float16)}
