@@ -273,6 +273,14 @@ def grid_keys(key: Key, shape: Any, *, start: Any = None) -> KeyGrid:
     """
     shape = _check_shape(shape, "grid_keys")
     offsets = _check_start(start, shape)
+    if all(isinstance(s, int | np.integer) for s in offsets):
+        # Static offsets: one cached compiled program per (shape, start), so an eager
+        # call is one dispatch instead of a few per dimension.
+        return _grid_static(key, shape, tuple(int(s) for s in offsets))
+    return _grid(key, shape, offsets)
+
+
+def _grid(key: Key, shape: tuple[int, ...], offsets: tuple[Any, ...]) -> KeyGrid:
     keys = key
     for d, (n, s) in enumerate(zip(shape, offsets, strict=True)):
         idx = jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(s).astype(jnp.uint32)
@@ -281,6 +289,9 @@ def grid_keys(key: Key, shape: Any, *, start: Any = None) -> KeyGrid:
             fold = jax.vmap(fold, in_axes=(0, None))
         keys = fold(keys, idx)
     return keys
+
+
+_grid_static = jax.jit(_grid, static_argnums=(1, 2))
 
 
 @typecheck
@@ -307,6 +318,11 @@ def example_keys(key: Key, ids: Int[Array, " n"]) -> KeyGrid:
         assert (jr.key_data(keys[0]) == jr.key_data(eqx_rng.derive(k, 7))).all()
         ```
     """
+    return _example_keys(key, ids)
+
+
+@jax.jit
+def _example_keys(key: Key, ids: Array) -> KeyGrid:
     return jax.vmap(_fold_in_u32, in_axes=(None, 0))(key, ids.astype(jnp.uint32))
 
 
