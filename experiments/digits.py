@@ -28,7 +28,7 @@ right and wrong predictions; and the ensemble of all chains.
 
     python experiments/digits.py [--tiny] [--seed S] [--seeds C] [--out DIR] [--resume]
 
-Writes to `--out`: `metrics.jsonl` (per logged step and chain), `summary.json`,
+Writes to `--out`: `metrics.jsonl` (per step and chain), `summary.json`,
 `learning_curves.png`, `reliability.png` and `checkpoints/`.
 """
 
@@ -492,28 +492,27 @@ def write_plots(
     results: dict[str, Any],
     seed: int,
 ) -> None:
-    train = [r for r in log if "train_loss" in r]
-    evals = [r for r in log if "test_accuracy" in r]
-    t_steps = np.array(sorted({r["step"] for r in train}))
-    e_steps = np.array(sorted({r["step"] for r in evals}))
-    grid = lambda recs, steps, name: np.array(
-        [
-            [
-                next(r[name] for r in recs if r["step"] == s and r["chain"] == c)
-                for s in steps
-            ]
-            for c in range(cfg.chains)
-        ]
-    )
     by = {(r["step"], r["chain"]): r for r in log}
-    del by
+    steps = np.array(sorted({r["step"] for r in log}))
+    e_steps = np.array(sorted({r["step"] for r in log if "test_accuracy" in r}))
+
+    def grid(steps: np.ndarray, name: str) -> np.ndarray:  # (chains, len(steps))
+        return np.array(
+            [[by[(int(s), c)][name] for s in steps] for c in range(cfg.chains)]
+        )
+
+    # The training loss is plotted as its mean over each fused call's steps (one
+    # point per `steps_per_call` steps): a minibatch's loss alone is too noisy to read.
+    per_step = grid(steps, "train_loss")
+    k = cfg.steps_per_call
+    blocks = len(steps) // k
     _common.plot_learning_curves(
         out / "learning_curves.png",
-        train_steps=t_steps,
-        train_loss=grid(train, t_steps, "train_loss"),
+        train_steps=steps[k - 1 : blocks * k : k],
+        train_loss=per_step[:, : blocks * k].reshape(cfg.chains, blocks, k).mean(-1),
         eval_steps=e_steps,
-        test_accuracy=grid(evals, e_steps, "test_accuracy"),
-        test_nll=grid(evals, e_steps, "test_nll"),
+        test_accuracy=grid(e_steps, "test_accuracy"),
+        test_nll=grid(e_steps, "test_nll"),
         title=f"digits: {cfg.chains} chains trained as one program (seed {seed}); thin lines = chains",
     )
     labels = results["_labels"]
@@ -706,19 +705,24 @@ def run(
 
     def on_chunk(ts: Any, metrics: dict[str, np.ndarray]) -> None:
         step = int(ts.step[0])
+        # One record per step and chain: the fused call's metrics come back stacked,
+        # `(chains, steps_per_call)`, at no extra cost.
+        n = metrics["loss"].shape[1]
         records = [
             {
-                "step": step,
+                "step": step - n + 1 + k,
                 "chain": c,
-                "train_loss": float(metrics["loss"][c].mean()),
-                "train_accuracy": float(metrics["accuracy"][c].mean()),
+                "train_loss": float(metrics["loss"][c, k]),
+                "train_accuracy": float(metrics["accuracy"][c, k]),
+                "grad_norm": float(metrics["grad_norm"][c, k]),
             }
+            for k in range(n)
             for c in range(cfg.chains)
         ]
         postfix = {"loss": f"{metrics['loss'][:, -1].mean():.3f}"}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             ev = jax.tree.map(np.asarray, program.test_eval(ts))
-            for c, r in enumerate(records):
+            for c, r in enumerate(records[-cfg.chains :]):
                 r["test_accuracy"] = float(ev["accuracy"][c])
                 r["test_nll"] = float(ev["nll"][c])
             postfix["test acc"] = f"{ev['accuracy'].mean():.4f}"
