@@ -56,6 +56,7 @@ _PREFIX = struct.Struct("<8sIIQ32s")  # magic, version, reserved, header length,
 _DIGEST_SIZE = 32
 _ALIGN = 64
 _MAX_HEADER = 1 << 32
+_CHUNK = 1 << 20  # bytes read at a time when only verifying the payload
 _TMP_SUFFIX = ".tmp"
 _LIBRARY_KEY = "eqx_rng"
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
@@ -487,19 +488,41 @@ def _short(paths: Sequence[str], n: int = 5) -> str:
     return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
-def _read_payload(f: Any, path: Path, header: dict[str, Any]) -> bytes:
-    nbytes = header["payload_nbytes"]
-    payload = f.read(nbytes)
-    stored = f.read(_DIGEST_SIZE)
-    if len(payload) != nbytes or len(stored) != _DIGEST_SIZE:
+def _check_payload(path: Path, complete: bool, digest: bytes, stored: bytes) -> None:
+    if not complete:
         raise _err(path, "is truncated (it changed while being read?).")
-    if hashlib.sha256(payload).digest() != stored:
+    if digest != stored:
         raise _err(
             path,
             "is corrupted: the sha256 checksum of its payload does not match (a "
             "flipped or overwritten byte).",
         )
+
+
+def _read_payload(f: Any, path: Path, header: dict[str, Any]) -> bytes:
+    """The payload, read whole (`f` is just past the header), its checksum verified."""
+    nbytes = header["payload_nbytes"]
+    payload = f.read(nbytes)
+    stored = f.read(_DIGEST_SIZE)
+    complete = len(payload) == nbytes and len(stored) == _DIGEST_SIZE
+    _check_payload(path, complete, hashlib.sha256(payload).digest(), stored)
     return payload
+
+
+def _verify_payload(f: Any, path: Path, header: dict[str, Any]) -> None:
+    """Verify the payload's checksum (`f` is just past the header), reading it in
+    chunks of `_CHUNK` bytes rather than all at once."""
+    remaining = header["payload_nbytes"]
+    digest = hashlib.sha256()
+    while remaining > 0:
+        chunk = f.read(min(remaining, _CHUNK))
+        if not chunk:
+            break
+        digest.update(chunk)
+        remaining -= len(chunk)
+    stored = f.read(_DIGEST_SIZE)
+    complete = remaining == 0 and len(stored) == _DIGEST_SIZE
+    _check_payload(path, complete, digest.digest(), stored)
 
 
 def _restore_leaf(path: Path, payload: bytes, record: dict, like: Any) -> Any:
@@ -607,8 +630,9 @@ def load(path: str | os.PathLike, like: PyTree) -> PyTree:
 def load_metadata(path: str | os.PathLike) -> dict:
     """The metadata stored in a checkpoint, with the library's entries.
 
-    Reads and checks the header only (its sha256), not the arrays, so it is fast on a
-    large file.
+    Checks the whole file as `load` does (its size and the sha256 checksums of the
+    header and of the payload), so a corrupted file is never reported as readable;
+    the arrays are streamed through the checksum in chunks, never held in memory.
 
     **Arguments:**
 
@@ -641,6 +665,7 @@ def load_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     with _open(path) as f:
         header = _read_header(f, path, os.fstat(f.fileno()).st_size)
+        _verify_payload(f, path, header)
     metadata = dict(header["metadata"])
     metadata[_LIBRARY_KEY] = header.get(_LIBRARY_KEY, {})
     return metadata

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, Integer, PyTree
 
 from ._custom_types import Key, KeyGrid
 from ._typecheck import typecheck
@@ -110,6 +110,11 @@ def string_hash(name: str) -> int:
         assert eqx_rng.string_hash("dropout") == eqx_rng.string_hash("dropout")
         ```
     """
+    if not isinstance(name, str):
+        raise TypeError(
+            f"`string_hash` takes a str, got {_describe(name)}. Pass the name as text "
+            "(decode bytes first); integers go to `derive` directly."
+        )
     digest = hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest()
     return int.from_bytes(digest, "little")
 
@@ -218,6 +223,13 @@ def _check_start(start: Any, shape: tuple[int, ...]) -> tuple[Any, ...]:
             )
         if isinstance(s, int | np.integer) and s < 0:
             raise ValueError(f"`grid_keys` `start[{d}]` must be >= 0, got {s}.")
+        if isinstance(s, int | np.integer) and s + shape[d] > 2**32:
+            raise ValueError(
+                f"`grid_keys` indices must stay below 2**32 (they are folded in as "
+                f"uint32): `start[{d}]` = {s} plus `shape[{d}]` = {shape[d]} goes past "
+                "it. Derive a sub-key for the block instead, e.g. "
+                "`grid_keys(derive(key, block), shape)`."
+            )
         if isinstance(s, jax.Array) and (
             s.shape != () or not jnp.issubdtype(s.dtype, jnp.integer)
         ):
@@ -283,7 +295,12 @@ def grid_keys(key: Key, shape: Any, *, start: Any = None) -> KeyGrid:
 def _grid(key: Key, shape: tuple[int, ...], offsets: tuple[Any, ...]) -> KeyGrid:
     keys = key
     for d, (n, s) in enumerate(zip(shape, offsets, strict=True)):
-        idx = jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(s).astype(jnp.uint32)
+        # A static offset goes in as uint32 directly: `jnp.asarray` of an int above
+        # 2**31 - 1 would overflow int32 without x64.
+        offset = (
+            np.uint32(s) if isinstance(s, int) else jnp.asarray(s).astype(jnp.uint32)
+        )
+        idx = jnp.arange(n, dtype=jnp.uint32) + offset
         fold = jax.vmap(_fold_in_u32, in_axes=(None, 0))
         for _ in range(d):
             fold = jax.vmap(fold, in_axes=(0, None))
@@ -295,7 +312,7 @@ _grid_static = jax.jit(_grid, static_argnums=(1, 2))
 
 
 @typecheck
-def example_keys(key: Key, ids: Int[Array, " n"]) -> KeyGrid:
+def example_keys(key: Key, ids: Integer[Array | np.ndarray, " n"]) -> KeyGrid:
     """One key per global example id: `derive(key, id)` for each id.
 
     A key depends on the example's id alone, so it is the same whatever the batch
@@ -304,7 +321,7 @@ def example_keys(key: Key, ids: Int[Array, " n"]) -> KeyGrid:
     **Arguments:**
 
     - `key`: A typed scalar key.
-    - `ids`: A 1-D integer array of example ids.
+    - `ids`: A 1-D integer array (JAX or NumPy, signed or unsigned) of example ids.
 
     **Returns:**
 

@@ -29,7 +29,7 @@ import optax
 from jax.core import Tracer
 from jaxtyping import Array, Int, PyTree
 
-from ._custom_types import Key
+from ._custom_types import Key, KeyGrid
 from ._keys import as_key, derive
 from ._typecheck import typecheck
 
@@ -79,8 +79,10 @@ class TrainState(eqx.Module):
     model: PyTree
     state: PyTree
     opt_state: PyTree
-    key: Key
-    step: Int[Array, ""]
+    # Scalars for one run; a chain-batched TrainState (from `eqx_rng.ensemble`, or
+    # built directly) has a leading chain axis here too.
+    key: KeyGrid
+    step: Int[Array, "*chains"]
 
     @classmethod
     @typecheck
@@ -95,8 +97,8 @@ class TrainState(eqx.Module):
         """The state of a run at step 0.
 
         The model's and the state's arrays are copied, so a step that donates its
-        input buffers (the default on GPU and TPU, see `make_train_step`) never
-        deletes the arrays of the `model` passed in here.
+        input buffers (`make_train_step(..., donate=True)`) never deletes the arrays
+        of the `model` passed in here.
 
         **Arguments:**
 
@@ -258,11 +260,6 @@ def _make_one_step(
         new_state, metrics = aux
         if metrics is None:
             metrics = {}
-        if not isinstance(metrics, dict):
-            raise TypeError(
-                f"`make_train_step`: `loss_fn` ({name}) must return its metrics as "
-                f"a dict (or None), got {type(metrics).__name__}."
-            )
         loss = jnp.asarray(loss)
         if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
             raise TypeError(
@@ -274,7 +271,7 @@ def _make_one_step(
     grad_fn = eqx.filter_value_and_grad(loss_and_aux, has_aux=True)
     messages = _StepMessages("loss or gradient (NaN or inf)")
 
-    def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Any]:
         step_key = derive(ts.key, ts.step)
         (loss, (state, metrics)), grads = grad_fn(ts.model, ts.state, batch, step_key)
         params = eqx.filter(ts.model, eqx.is_inexact_array)
@@ -293,10 +290,12 @@ def _make_one_step(
             )
         elif nan_policy == "error":
             step = eqx.branched_error_if(step, ~finite, ts.step, messages)
-        metrics = dict(metrics)
-        added = (loss, grad_norm, finite) if extra_metrics else (loss,)
-        for k, v in zip(_ADDED_METRICS, added, strict=False):
-            metrics.setdefault(k, v)
+        if isinstance(metrics, dict):
+            metrics = dict(metrics)
+            added = (loss, grad_norm, finite) if extra_metrics else (loss,)
+            for k, v in zip(_ADDED_METRICS, added, strict=False):
+                metrics.setdefault(k, v)
+        # Any other pytree of metrics is returned as `loss_fn` made it.
         new_ts = TrainState(
             model=model, state=state, opt_state=opt_state, key=ts.key, step=step
         )
@@ -306,7 +305,7 @@ def _make_one_step(
 
 
 def _make_multi_step(one_step: Callable, steps_per_call: int) -> Callable:
-    def multi_step(ts: TrainState, batch: Any) -> tuple[TrainState, dict]:
+    def multi_step(ts: TrainState, batch: Any) -> tuple[TrainState, Any]:
         for path, leaf in jtu.tree_leaves_with_path(batch):
             if not eqx.is_array(leaf):
                 continue
@@ -438,7 +437,7 @@ class _TrainStep:
         self,
         pure: Callable,
         *,
-        donate: bool | None,
+        donate: bool,
         steps_per_call: int,
         nan_policy: str,
         name: str,
@@ -536,8 +535,6 @@ class _TrainStep:
 
     def _build(self, ts_split: _Split, batch_split: _Split, ts_leaves: list) -> _Entry:
         donate = self._donate
-        if donate is None:
-            donate = jax.default_backend() != "cpu"
         ids = [id(x) for x in ts_split.dynamic(ts_leaves)]
         if len(set(ids)) != len(ids):
             donate = False  # the same buffer twice (tied weights) cannot be donated
@@ -568,7 +565,7 @@ def make_train_step(
     *,
     steps_per_call: int = 1,
     nan_policy: str = "report",
-    donate: bool | None = None,
+    donate: bool = False,
     extra_metrics: bool = True,
 ) -> Callable:
     """Make `step(ts, batch) -> (ts, metrics)`: one optimizer step (or several).
@@ -596,8 +593,8 @@ def make_train_step(
     **Arguments:**
 
     - `loss_fn`: `loss_fn(model, state, batch, *, key) -> (loss, (state, metrics))`:
-        a floating scalar loss, the new `state` (`None` for a stateless model) and a
-        dict of metrics (or `None`).
+        a floating scalar loss, the new `state` (`None` for a stateless model) and
+        the metrics: a dict (usually), `None`, or any other pytree of arrays.
     - `optimizer`: An optax optimizer (the one that built `ts.opt_state`).
     - `steps_per_call`: `K >= 1`. With `K > 1`, every array in `batch` has a leading
         axis `K` (one batch per step) and the `K` steps run in one dispatch
@@ -610,8 +607,11 @@ def make_train_step(
         `eqx.EquinoxRuntimeError` naming the step (checked on device: no host sync).
         (Keyword only argument.)
     - `donate`: Donate the input `TrainState`'s model, state, optimizer state and
-        step buffers to the output (`jax.jit(donate_argnums=...)`), saving memory.
-        `None` (default): on GPU and TPU, not on CPU. (Keyword only argument.)
+        step buffers to the output (`jax.jit(donate_argnums=...)`), saving memory
+        on GPU and TPU (CPU ignores donation). Off by default, so that the `ts`
+        passed in stays usable (to compare runs, or to keep the state of an earlier
+        step); turn it on in a training loop that only keeps the returned state.
+        (Keyword only argument.)
     - `extra_metrics`: Add `"grad_norm"` and `"finite"` to the metrics (default).
         `False` adds only `"loss"`: two outputs and a reduction less per step, which
         shows only for tiny models (about 5% of a step of a 50-parameter MLP on
@@ -622,8 +622,9 @@ def make_train_step(
     `step(ts, batch) -> (ts, metrics)`. `metrics` is `loss_fn`'s dict plus, unless
     `loss_fn` set them itself, `"loss"`, `"grad_norm"` (the global L2 norm of the
     gradients, float32, or float64 for float64 parameters) and `"finite"` (bool:
-    the loss and every gradient are finite). With `K > 1` every metric is stacked
-    along a leading axis `K`.
+    the loss and every gradient are finite); `None` becomes a dict of those alone;
+    metrics of any other pytree type come back as `loss_fn` returned them. With
+    `K > 1` every metric is stacked along a leading axis `K`.
 
     **Raises:**
 

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.core import Tracer
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._custom_types import _LEGACY_KEY_HINT
 from ._errors import BroadcastKeyError
@@ -40,6 +42,11 @@ _JAX_UNMAPPED_OUT_ERRORS = ("but out_axes is None", "got axis spec None but outp
 # `eqx_rng.vmap`s do not start an analysis of their own inside it (they run theirs
 # when the function is traced for real).
 _analysing = threading.local()
+
+# Concrete meshes of the Explicit-sharded inputs of the `eqx_rng.vmap`s being run
+# eagerly right now (innermost last): a nested `eqx_rng.vmap` sees only tracers, whose
+# types name an abstract mesh, and needs the devices to place its per-call indices.
+_eager_meshes = threading.local()
 
 
 def _is_state(x: Any) -> bool:
@@ -180,6 +187,38 @@ def _is_batched(x: Any) -> bool | None:
         )
     except Exception:
         return None
+
+
+def _mapped_spec_entry(leaf: Any, axis: int) -> Any:
+    """How the mapped axis of `leaf` is split over Explicit mesh axes (None: not)."""
+    try:
+        return jax.typeof(leaf).sharding.spec[axis]
+    except (IndexError, TypeError, AttributeError):
+        return None
+
+
+def _describe_entry(entry: Any) -> str:
+    if entry is None:
+        return "not split over an Explicit mesh axis"
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    if len(names) == 1:
+        return f"split over the Explicit mesh axis {names[0]!r}"
+    return f"split over the Explicit mesh axes {' x '.join(map(repr, names))}"
+
+
+def _eager_mesh_stack() -> list[Mesh]:
+    if not hasattr(_eager_meshes, "stack"):
+        _eager_meshes.stack = []
+    return _eager_meshes.stack
+
+
+def _context_mesh() -> Mesh | None:
+    """The concrete mesh of a `jax.set_mesh` context, outside `jit`; else None."""
+    try:
+        mesh = jax.sharding.get_mesh()
+    except ValueError:  # inside `jit`: only the abstract mesh is known
+        return None
+    return None if mesh.empty else mesh
 
 
 _STATE_FIX = (
@@ -324,6 +363,88 @@ class _VmapWrapper(eqx.Module):
         if not sizes:
             return None, normalised
         return next(iter(sizes)), normalised
+
+    # -- the per-call index ----------------------------------------------------
+
+    def _mapped_split(
+        self, leaves: list[Any], axes: list[Any], labels: list[str]
+    ) -> tuple[Any, str, Any]:
+        """How the mapped inputs are split along the mapped axis over devices.
+
+        Returns the `PartitionSpec` entry of the mapped axis (None when it is not
+        split over `Explicit` mesh axes: unsharded arrays, `Auto` axes), the label of
+        the first mapped leaf and the first leaf that is split (or None). `jax.vmap`
+        requires every mapped input to be split alike; a mismatch is a `ValueError`
+        naming both arguments.
+        """
+        first: tuple[Any, str] | None = None
+        source = None
+        for leaf, axis, label in zip(leaves, axes, labels, strict=True):
+            if axis is None:
+                continue
+            entry = _mapped_spec_entry(leaf, axis)
+            if first is None:
+                first = (entry, label)
+            elif entry != first[0]:
+                raise ValueError(
+                    f"`eqx_rng.vmap({_fn_name(self._fn)})`: the mapped arguments "
+                    f"must be split over devices alike along the mapped axis, but "
+                    f"{first[1]} is {_describe_entry(first[0])} and {label} is "
+                    f"{_describe_entry(entry)}. Place them alike (for example "
+                    f"`eqx_rng.shard` both with the same `PartitionSpec`, or "
+                    f"`jax.sharding.reshard` inside `jit`), or build the mesh with "
+                    f"`Auto` axes (`eqx_rng.chain_mesh`), which need no match."
+                )
+            if source is None and entry is not None:
+                source = leaf
+        if first is None:
+            return None, "", None
+        return first[0], first[1], source
+
+    def _call_index(
+        self, entry: Any, label: str, source: Any, axis_size: int
+    ) -> tuple[jax.Array, Mesh | None]:
+        """`arange(axis_size)`, split over devices like the mapped inputs.
+
+        Not split (`entry` None: unsharded inputs, `Auto` mesh axes): a plain
+        `arange`, as always. Split over `Explicit` mesh axes: the same `arange`,
+        resharded to match (same values, so the same keys). Also returns the
+        concrete mesh when the inputs are concrete arrays, for nested
+        `eqx_rng.vmap`s run eagerly inside this one (they see only tracers).
+        """
+        index = jnp.arange(axis_size, dtype=jnp.uint32)
+        if entry is None or source is None:
+            return index, None
+        abstract = jax.typeof(source).sharding.mesh
+        concrete = None
+        if not isinstance(source, Tracer):
+            concrete = getattr(getattr(source, "sharding", None), "mesh", None)
+        if not isinstance(concrete, Mesh):
+            candidates = [_context_mesh(), *reversed(_eager_mesh_stack())]
+            concrete = next(
+                (
+                    m
+                    for m in candidates
+                    if m is not None and m.abstract_mesh == abstract
+                ),
+                None,
+            )
+        mesh = abstract if concrete is None else concrete
+        try:
+            index = jax.sharding.reshard(
+                index, NamedSharding(mesh, PartitionSpec(entry))
+            )
+        except ValueError as e:
+            raise ValueError(
+                f"`eqx_rng.vmap({_fn_name(self._fn)})(..., key=...)`: {label} is "
+                f"{_describe_entry(entry)}, so the per-call key indices must be "
+                f"split the same way, but outside `jit` the devices of that mesh "
+                f"are not known here (the arguments are traced by an enclosing "
+                f"`jax.vmap`). Run the call under `eqx.filter_jit` / `jax.jit`, "
+                f"inside `with jax.set_mesh(mesh):`, or build the mesh with `Auto` "
+                f"axes (`eqx_rng.chain_mesh`)."
+            ) from e
+        return index, None if isinstance(source, Tracer) else concrete
 
     # -- the key-flow check ----------------------------------------------------
 
@@ -517,8 +638,13 @@ class _VmapWrapper(eqx.Module):
         mapped = [i for i, a in enumerate(axes) if a is not None]
         dynamic = [leaves[i] for i in mapped]
         dynamic_axes = [axes[i] for i in mapped]
+        entry, first_label, source = self._mapped_split(leaves, axes, labels)
+        concrete_mesh = None
         if per_call_key:
-            dynamic.append(jnp.arange(axis_size, dtype=jnp.uint32))
+            index, concrete_mesh = self._call_index(
+                entry, first_label, source, axis_size
+            )
+            dynamic.append(index)
             dynamic_axes.append(0)
         static_box: list[Any] = []
 
@@ -555,6 +681,9 @@ class _VmapWrapper(eqx.Module):
             static_box.append((out_def, static))
             return vmapped, unmapped
 
+        stack = _eager_mesh_stack()
+        if concrete_mesh is not None:
+            stack.append(concrete_mesh)
         try:
             vmapped, unmapped = jax.vmap(
                 body,
@@ -574,6 +703,9 @@ class _VmapWrapper(eqx.Module):
                 f"from one mapped call to the next; return it mapped or reduce it "
                 f"over the mapped axis first."
             ) from e
+        finally:
+            if concrete_mesh is not None:
+                stack.pop()
 
         out_def, static = static_box[-1]
         vmapped_iter, unmapped_iter = iter(vmapped), iter(unmapped)

@@ -119,13 +119,19 @@ def test_inference_before_any_update_is_identity():
     np.testing.assert_allclose(y, x / math.sqrt(1 + 1e-5), rtol=1e-6)
 
 
-def test_bias_correction_after_one_step_is_the_batch_statistics():
-    bn, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(2, momentum=0.99)
+@pytest.mark.parametrize("momentum", [0.99, 0.999, 0.9999])
+def test_bias_correction_after_one_step_is_the_batch_statistics(momentum):
+    # At momentum near 1, `1 - momentum**t` in float32 would lose most digits.
+    bn, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(2, momentum=momentum)
     xs = jnp.array([[1.0, 10.0], [3.0, 20.0], [5.0, 60.0]])
     _, state = _train_fn(bn)(xs, state)
     mean, var = bn._running_stats(state)
     np.testing.assert_allclose(mean, [3.0, 30.0], rtol=1e-5)
     np.testing.assert_allclose(var, np.var(np.asarray(xs), axis=0, ddof=1), rtol=1e-5)
+
+
+def test_numpy_integer_num_features_is_accepted():
+    assert eqx_rng.nn.BatchNorm(np.int64(3)).num_features == 3
 
 
 def test_gradients_match_batched_formula():

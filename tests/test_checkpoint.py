@@ -226,9 +226,31 @@ def test_flipped_byte(tmp_path, where):
     with pytest.raises(eqx_rng.CheckpointError, match="checksum") as e:
         eqx_rng.load(path, tree)
     assert str(path) in str(e.value)
-    if where == "header":
-        with pytest.raises(eqx_rng.CheckpointError, match="checksum"):
-            eqx_rng.load_metadata(path)
+    with pytest.raises(eqx_rng.CheckpointError, match="checksum") as e:
+        eqx_rng.load_metadata(path)
+    assert str(path) in str(e.value)
+
+
+def test_flipped_payload_byte_fails_load_and_load_metadata(tmp_path, monkeypatch):
+    # Small chunks, so that `load_metadata` streams the payload in several reads.
+    monkeypatch.setattr(_checkpoint, "_CHUNK", 7)
+    path, tree = _saved(tmp_path)
+    assert eqx_rng.load_metadata(path)["note"] == "x" * 50
+    data, header_end = _layout(path)
+    payload_end = len(data) - 32
+    for pos in (header_end, header_end + 100, payload_end - 1):
+        corrupted = bytearray(data)
+        corrupted[pos] ^= 0x01
+        path.write_bytes(bytes(corrupted))
+        for read in (
+            lambda: eqx_rng.load(path, tree),
+            lambda: eqx_rng.load_metadata(path),
+        ):
+            with pytest.raises(
+                eqx_rng.CheckpointError, match="checksum of its payload"
+            ) as e:
+                read()
+            assert str(path) in str(e.value)
 
 
 def test_flipped_header_length(tmp_path):

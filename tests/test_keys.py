@@ -150,6 +150,24 @@ def test_grid_keys_element_is_derive():
             assert keys_equal(grid[c, b], eqx_rng.derive(k, c, b))
 
 
+def test_grid_keys_start_near_the_uint32_limit():
+    k = jr.key(0)
+    top = 2**32 - 1
+    assert keys_equal(
+        eqx_rng.grid_keys(k, (2,), start=(top - 1,))[1], eqx_rng.derive(k, top)
+    )
+    with pytest.raises(ValueError, match=r"below 2\*\*32.*start\[0\]"):
+        eqx_rng.grid_keys(k, (3,), start=(top - 1,))
+
+
+def test_string_hash_refuses_non_strings():
+    # Under the test suite's jaxtyping import hook the annotation is checked first;
+    # without it, the function's own check raises. Both are `TypeError`s.
+    for bad in (5, b"dropout"):
+        with pytest.raises(TypeError, match="str"):
+            eqx_rng.string_hash(bad)  # type: ignore[arg-type]
+
+
 def test_grid_keys_start_offsets_give_blocks():
     k = jr.key(0)
     big = eqx_rng.grid_keys(k, (6, 8))
@@ -215,6 +233,18 @@ def test_example_keys_invariant_to_batching_and_order():
     perm = jnp.array([2, 0, 3, 1])
     assert keys_equal(eqx_rng.example_keys(k, ids[perm]), keys[perm])
     assert keys_equal(eqx_rng.example_keys(k, ids[:2]), keys[:2])
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [np.arange(3), jnp.arange(3, dtype=jnp.uint32), np.arange(3, dtype=np.uint8)],
+    ids=["numpy int", "jax uint32", "numpy uint8"],
+)
+def test_example_keys_takes_numpy_and_unsigned_ids(ids):
+    k = jr.key(1)
+    keys = eqx_rng.example_keys(k, ids)
+    for i in range(3):
+        assert keys_equal(keys[i], eqx_rng.derive(k, i))
 
 
 def test_example_keys_shape_contract():

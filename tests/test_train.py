@@ -481,9 +481,8 @@ def test_fast_path_is_reused():
     assert step._last_out is None
 
 
-def test_default_does_not_donate_on_cpu():
-    if jax.default_backend() != "cpu":
-        pytest.skip("the default donates on accelerators")
+def test_default_does_not_donate():
+    # On every backend: the `ts` passed in stays usable unless `donate=True`.
     opt = optax.sgd(0.1)
     ts0 = eqx_rng.TrainState.create(_mlp(jr.key(0)), opt, key=0)
     step = eqx_rng.make_train_step(_mse, opt)
@@ -586,3 +585,45 @@ def test_vmap_chains_with_dropout_and_per_chain_data():
         batch = jax.tree.map(lambda a, c=c: a[c], batches)
         ts, m = step(make(key=eqx_rng.derive(key, c)), batch)
         assert jnp.allclose(metrics["loss"][c], m["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "array"])
+def test_metrics_of_any_pytree_come_back_as_loss_fn_made_them(kind):
+    def loss_fn(model, state, batch, *, key):
+        loss, (state, _) = _mse(model, state, batch, key=key)
+        metrics = (loss, 2 * loss) if kind == "tuple" else jnp.stack([loss, 2 * loss])
+        return loss, (state, metrics)
+
+    opt = optax.sgd(0.1)
+    ts0 = eqx_rng.TrainState.create(_mlp(jr.key(0)), opt, key=0)
+    _, metrics = eqx_rng.make_train_step(loss_fn, opt)(ts0, _batch(0))
+    _, ref = eqx_rng.make_train_step(_mse, opt)(ts0, _batch(0))
+    loss, double = metrics
+    assert float(double) == 2 * float(loss) and float(loss) == float(ref["loss"])
+    _, stacked = eqx_rng.make_train_step(loss_fn, opt, steps_per_call=3)(
+        ts0, jax.tree.map(lambda *a: jnp.stack(a), *[_batch(t) for t in range(3)])
+    )
+    assert jax.tree.structure(stacked) == jax.tree.structure(metrics)
+    assert jax.tree.leaves(stacked)[0].shape[0] == 3
+
+
+def test_chain_batched_train_state_can_be_built_directly():
+    opt = optax.sgd(0.1)
+    chains = 3
+    models = eqx.filter_vmap(_mlp)(jr.split(jr.key(0), chains))
+    opt_state = eqx.filter_vmap(
+        lambda m: opt.init(eqx.filter(m, eqx.is_inexact_array))
+    )(models)
+    ts = eqx_rng.TrainState(
+        models,
+        None,
+        opt_state,
+        jr.split(jr.key(1), chains),
+        jnp.zeros(chains, jnp.int32),
+    )
+    step = eqx_rng.make_train_step(_mse, opt)
+    new, metrics = eqx.filter_jit(eqx_rng.vmap(step, in_axes=(eqx.if_array(0), None)))(
+        ts, _batch(0)
+    )
+    assert metrics["loss"].shape == (chains,)
+    assert jnp.array_equal(new.step, jnp.ones(chains, jnp.int32))
