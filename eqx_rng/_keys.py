@@ -5,6 +5,7 @@ depend on `jax_threefry_partitionable`, on the batch size, on the number of chai
 devices, or on `PYTHONHASHSEED`.
 """
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -286,29 +287,26 @@ def grid_keys(key: Key, shape: Any, *, start: Any = None) -> KeyGrid:
     shape = _check_shape(shape, "grid_keys")
     offsets = _check_start(start, shape)
     if all(isinstance(s, int | np.integer) for s in offsets):
-        # Static offsets: one cached compiled program per (shape, start), so an eager
-        # call is one dispatch instead of a few per dimension.
-        return _grid_static(key, shape, tuple(int(s) for s in offsets))
-    return _grid(key, shape, offsets)
+        # Python-int offsets go in as a NumPy uint32 array (no device op, no int32
+        # overflow above 2**31 - 1).
+        offset_array: Any = np.asarray(offsets, dtype=np.uint32)
+    else:
+        offset_array = jnp.stack([jnp.asarray(s).astype(jnp.uint32) for s in offsets])
+    # One compiled program per shape, the offsets an argument: an eager call is one
+    # dispatch (not a few per dimension), and new offsets never recompile.
+    return _grid(key, shape, offset_array)
 
 
-def _grid(key: Key, shape: tuple[int, ...], offsets: tuple[Any, ...]) -> KeyGrid:
+@functools.partial(jax.jit, static_argnums=1)
+def _grid(key: Key, shape: tuple[int, ...], offsets: Array) -> KeyGrid:
     keys = key
-    for d, (n, s) in enumerate(zip(shape, offsets, strict=True)):
-        # A static offset goes in as uint32 directly: `jnp.asarray` of an int above
-        # 2**31 - 1 would overflow int32 without x64.
-        offset = (
-            np.uint32(s) if isinstance(s, int) else jnp.asarray(s).astype(jnp.uint32)
-        )
-        idx = jnp.arange(n, dtype=jnp.uint32) + offset
+    for d, n in enumerate(shape):
+        idx = jnp.arange(n, dtype=jnp.uint32) + offsets[d]
         fold = jax.vmap(_fold_in_u32, in_axes=(None, 0))
         for _ in range(d):
             fold = jax.vmap(fold, in_axes=(0, None))
         keys = fold(keys, idx)
     return keys
-
-
-_grid_static = jax.jit(_grid, static_argnums=(1, 2))
 
 
 @typecheck

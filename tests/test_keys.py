@@ -160,6 +160,19 @@ def test_grid_keys_start_near_the_uint32_limit():
         eqx_rng.grid_keys(k, (3,), start=(top - 1,))
 
 
+def test_grid_keys_new_offsets_do_not_recompile():
+    from eqx_rng import _keys
+
+    k = jr.key(0)
+    cache_size = _keys._grid._cache_size  # pyright: ignore[reportAttributeAccessIssue]
+    eqx_rng.grid_keys(k, (3, 2), start=(0, 0))
+    before = cache_size()
+    for s in range(1, 6):
+        block = eqx_rng.grid_keys(k, (3, 2), start=(3 * s, 7))
+        assert keys_equal(block[2, 1], eqx_rng.derive(k, 3 * s + 2, 8))
+    assert cache_size() == before  # offsets are data, not static
+
+
 def test_string_hash_refuses_non_strings():
     # Under the test suite's jaxtyping import hook the annotation is checked first;
     # without it, the function's own check raises. Both are `TypeError`s.
