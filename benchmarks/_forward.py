@@ -43,14 +43,11 @@ def _eqx_rng_runner(size: Size, x: jax.Array, keys: list[jax.Array]) -> Runner:
         return eqx_rng.vmap(per_example, axis_name="batch")(x, state, key=key)
 
     forward = eqx.filter_jit(eqx_rng.vmap(per_chain, in_axes=(0, 0, None)))
-    make = eqx.nn.make_with_state(_eqx_rng.RngMLP)
+    make_train_state, _, _ = _eqx_rng.make(size)
 
-    def make_chain(*, key):
-        init_key, _ = jax.random.split(key)  # the training benchmarks' init key
-        return make(size, key=init_key)
-
-    def init():
-        return eqx_rng.ensemble(make_chain, seed_key(), size.chains)
+    def init():  # the training benchmarks' chains, models and states only
+        ts = eqx_rng.ensemble(make_train_state, seed_key(), size.chains)
+        return ts.model, ts.state
 
     def call(carry, t):
         models, states = carry
@@ -94,13 +91,10 @@ def _raw_runner(
     else:
         forward = jax.jit(chains)
 
-    def init():
-        init_keys = jax.vmap(lambda k: jax.random.split(k)[0])(chain_keys(size.chains))
-        params = jax.vmap(lambda k: _raw_jax.init_params(size, k))(init_keys)
-        one = _raw_jax.init_bn_state(size)
-        bn = jax.tree_util.tree_map(
-            lambda a: jnp.broadcast_to(a, (size.chains, *a.shape)), one
-        )
+    init_chain, _, _ = _raw_jax.make_step(size)
+
+    def init():  # the training benchmarks' chains: parameters and BatchNorm state
+        params, bn, *_ = jax.vmap(init_chain)(chain_keys(size.chains))
         return params, bn
 
     def call(carry, t):
