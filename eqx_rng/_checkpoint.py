@@ -29,7 +29,6 @@ one at `path`, never a partial one.
 
 import datetime as dt
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -49,6 +48,7 @@ from jax.core import Tracer
 from jaxtyping import PyTree
 
 from ._typecheck import typecheck
+from ._util import dist_version, is_typed_key
 
 _MAGIC = b"EQXRNGCK"
 _FORMAT_VERSION = 1
@@ -91,11 +91,6 @@ class CheckpointError(ValueError):
 # Leaves.
 
 
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-
-
 def _is_like_array(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
@@ -129,7 +124,7 @@ def _to_host(name: str, leaf: Any) -> tuple[np.ndarray, str | None]:
             "`jax.experimental.multihost_utils.process_allgather`, or save each "
             "host's part to its own file."
         )
-    if _is_key(leaf):
+    if is_typed_key(leaf):
         return np.asarray(jr.key_data(leaf)), str(jr.key_impl(leaf))
     return np.asarray(leaf), None
 
@@ -170,18 +165,12 @@ def _align(n: int) -> int:
 
 
 def _library_entries(extra: dict[str, Any] | None) -> dict[str, Any]:
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     entries: dict[str, Any] = {
         "format_version": _FORMAT_VERSION,
-        "eqx_rng_version": version("eqx_rng"),
+        "eqx_rng_version": dist_version("eqx_rng"),
         "jax_version": jax.__version__,
-        "jaxlib_version": version("jaxlib"),
-        "equinox_version": version("equinox"),
+        "jaxlib_version": dist_version("jaxlib"),
+        "equinox_version": dist_version("equinox"),
         "numpy_version": np.__version__,
         "saved_at": dt.datetime.now(dt.UTC).isoformat(),
     }
@@ -436,7 +425,7 @@ def _open(path: Path) -> Any:
 
 
 def _describe_leaf(leaf: Any) -> str:
-    kind = "keys" if _is_key(leaf) else "array"
+    kind = "keys" if is_typed_key(leaf) else "array"
     return f"{kind} of shape {tuple(leaf.shape)} and dtype {_dtype_name(leaf.dtype)}"
 
 
@@ -464,7 +453,7 @@ def _match(path: Path, like_leaves: list[tuple[str, Any]], records: list) -> Non
         shape = tuple(record["shape"])
         dtype = record["dtype"]
         file_is_key = "key_impl" in record
-        if _is_key(leaf) != file_is_key or _dtype_name(leaf.dtype) != dtype:
+        if is_typed_key(leaf) != file_is_key or _dtype_name(leaf.dtype) != dtype:
             found = (
                 f"keys of dtype {dtype} (implementation {record['key_impl']!r})"
                 if file_is_key

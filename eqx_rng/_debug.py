@@ -2,7 +2,6 @@
 
 import contextlib
 import functools
-import importlib.metadata
 import os
 import platform
 import sys
@@ -14,6 +13,7 @@ import jax
 import jax.random as jr
 
 from ._typecheck import typecheck, typecheck_enabled
+from ._util import dist_version
 
 _LEGACY_KEY_MSG = (
     "`jax.random.PRNGKey` was called inside `eqx_rng.debug.key_reuse()`, which refuses "
@@ -105,13 +105,6 @@ def key_reuse() -> Iterator[None]:
         yield
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _device(d: Any) -> dict[str, Any]:
     return {
         "id": int(d.id),
@@ -155,13 +148,13 @@ def doctor() -> dict[str, Any]:
     precision = jax.default_matmul_precision.value
     return {
         "jax_version": jax.__version__,
-        "jaxlib_version": _version("jaxlib"),
-        "equinox_version": _version("equinox"),
-        "eqx_rng_version": _version("eqx_rng"),
-        "optax_version": _version("optax"),
-        "jaxtyping_version": _version("jaxtyping"),
-        "beartype_version": _version("beartype"),
-        "numpy_version": _version("numpy"),
+        "jaxlib_version": dist_version("jaxlib"),
+        "equinox_version": dist_version("equinox"),
+        "eqx_rng_version": dist_version("eqx_rng"),
+        "optax_version": dist_version("optax"),
+        "jaxtyping_version": dist_version("jaxtyping"),
+        "beartype_version": dist_version("beartype"),
+        "numpy_version": dist_version("numpy"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "backend": jax.default_backend(),

@@ -27,6 +27,8 @@ from typing import Any
 
 from jax.extend import core as jex_core
 
+from ._util import axis_names
+
 # Primitives that draw bits from, or split, a key (or a raw key's words).
 _CONSUMERS = frozenset(
     {
@@ -68,12 +70,6 @@ def _join(facts: Sequence[Facts]) -> Facts:
 
 def _join_lists(a: list[Facts], b: list[Facts]) -> list[Facts]:
     return [_join((x, y)) for x, y in zip(a, b, strict=True)]
-
-
-def _names(axis_name: Any) -> tuple[Hashable, ...]:
-    if isinstance(axis_name, tuple | list):
-        return tuple(axis_name)
-    return (axis_name,)
 
 
 def _as_jaxpr(x: Any) -> Any:
@@ -133,13 +129,13 @@ class _Analysis:
             self._consume(name, ins)
             return [_join(ins)] * n_out
         if name == "axis_index":
-            mine = self.axis_name is not None and self.axis_name in _names(
+            mine = self.axis_name is not None and self.axis_name in axis_names(
                 eqn.params.get("axis_name")
             )
             return [Facts(frozenset(), mine)] * n_out
         if name in _REDUCERS and self.axis_name is not None:
             axes = eqn.params.get("axes", eqn.params.get("axis_name", ()))
-            if self.axis_name in _names(axes):
+            if self.axis_name in axis_names(axes):
                 joined = _join(ins)
                 return [Facts(joined.origins, False)] * n_out
         if name == "cond":

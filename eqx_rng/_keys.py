@@ -19,18 +19,9 @@ from jaxtyping import Array, Integer, PyTree
 
 from ._custom_types import Key, KeyGrid
 from ._typecheck import typecheck
+from ._util import describe, is_typed_key
 
 _U32 = 2**32
-
-
-def _is_typed_key(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, jax.Array | np.ndarray):
-        return f"{type(x).__name__} of shape {x.shape} and dtype {x.dtype}"
-    return f"{type(x).__name__} {x!r}"
 
 
 def as_key(x: Any) -> Key:
@@ -67,7 +58,7 @@ def as_key(x: Any) -> Key:
         )
     if isinstance(x, int | np.integer):
         return jr.key(int(x))
-    if _is_typed_key(x):
+    if is_typed_key(x):
         if x.shape != ():
             raise ValueError(
                 f"`as_key` takes one key, got a batch of keys of shape {x.shape}; "
@@ -85,7 +76,7 @@ def as_key(x: Any) -> Key:
             )
     raise TypeError(
         f"`as_key` takes an integer seed, a typed PRNG key or a legacy uint32[2] key, "
-        f"got {_describe(x)}; pass for example `as_key(0)` or `jax.random.key(0)`."
+        f"got {describe(x)}; pass for example `as_key(0)` or `jax.random.key(0)`."
     )
 
 
@@ -113,7 +104,7 @@ def string_hash(name: str) -> int:
     """
     if not isinstance(name, str):
         raise TypeError(
-            f"`string_hash` takes a str, got {_describe(name)}. Pass the name as text "
+            f"`string_hash` takes a str, got {describe(name)}. Pass the name as text "
             "(decode bytes first); integers go to `derive` directly."
         )
     digest = hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest()
@@ -140,13 +131,13 @@ def _path_item_to_u32(item: Any, position: int) -> Any:
         if item.shape != () or not jnp.issubdtype(item.dtype, jnp.integer):
             raise TypeError(
                 f"`derive` path item {position} must be an integer scalar; got "
-                f"{_describe(item)}. For many indices use `grid_keys` or "
+                f"{describe(item)}. For many indices use `grid_keys` or "
                 "`example_keys`."
             )
         return jnp.asarray(item).astype(jnp.uint32)
     raise TypeError(
         f"`derive` path items are ints, integer scalar arrays or strings; item "
-        f"{position} is {_describe(item)}."
+        f"{position} is {describe(item)}."
     )
 
 
@@ -193,7 +184,7 @@ def _check_shape(shape: Any, fn: str) -> tuple[int, ...]:
     if not isinstance(shape, Sequence) or isinstance(shape, str):
         raise ValueError(
             f"`{fn}` takes `shape` as a tuple of non-negative ints, got "
-            f"{_describe(shape)}."
+            f"{describe(shape)}."
         )
     for n in shape:
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
@@ -220,7 +211,7 @@ def _check_start(start: Any, shape: tuple[int, ...]) -> tuple[Any, ...]:
         if isinstance(s, bool) or not isinstance(s, int | np.integer | jax.Array):
             raise ValueError(
                 f"`grid_keys` `start[{d}]` must be an int or integer scalar array, "
-                f"got {_describe(s)}."
+                f"got {describe(s)}."
             )
         if isinstance(s, int | np.integer) and s < 0:
             raise ValueError(f"`grid_keys` `start[{d}]` must be >= 0, got {s}.")
@@ -236,7 +227,7 @@ def _check_start(start: Any, shape: tuple[int, ...]) -> tuple[Any, ...]:
         ):
             raise ValueError(
                 f"`grid_keys` `start[{d}]` must be an integer scalar, got "
-                f"{_describe(s)}."
+                f"{describe(s)}."
             )
         out.append(s)
     return tuple(out)

@@ -28,6 +28,7 @@ from ._errors import BroadcastKeyError
 from ._key_flow import Facts, find_broadcast_keys
 from ._keys import derive
 from ._typecheck import typecheck
+from ._util import describe, is_key_like, is_typed_key
 
 _DEFAULT_AXES = eqx.if_array(0)
 """The default `in_axes` / `out_axes`. Compared by identity: passing
@@ -55,26 +56,6 @@ def _is_state(x: Any) -> bool:
 
 def _is_none(x: Any) -> bool:
     return x is None
-
-
-def _is_typed_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _is_key_like(x: Any) -> bool:
-    """A typed key array, or a legacy uint32 key array (`uint32[..., 2]`)."""
-    if not isinstance(x, jax.Array | np.ndarray):
-        return False
-    if _is_typed_key(x):
-        return True
-    return x.dtype == np.uint32 and x.ndim >= 1 and x.shape[-1] == 2
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, jax.Array | np.ndarray):
-        return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"a {type(x).__name__}"
 
 
 def _fn_name(fn: Any) -> str:
@@ -147,7 +128,7 @@ def _default_arg_spec(arg: Any, state_unmapped: bool) -> Any:
 
 
 def _check_key(key: Any) -> None:
-    if _is_typed_key(key):
+    if is_typed_key(key):
         if key.shape != ():
             raise TypeError(
                 f"`eqx_rng.vmap(fn)(..., key=...)` takes one typed key, got an array "
@@ -163,7 +144,7 @@ def _check_key(key: Any) -> None:
         )
     raise TypeError(
         f"`eqx_rng.vmap(fn)(..., key=...)` takes a typed scalar PRNG key "
-        f"(`jax.random.key(seed)` or `eqx_rng.as_key(seed)`), got {_describe(key)}."
+        f"(`jax.random.key(seed)` or `eqx_rng.as_key(seed)`), got {describe(key)}."
     )
 
 
@@ -330,7 +311,7 @@ class _VmapWrapper(eqx.Module):
             shape = tuple(leaf.shape)
             if not -len(shape) <= axis < len(shape):
                 hint = ""
-                if _is_typed_key(leaf) and shape == ():
+                if is_typed_key(leaf) and shape == ():
                     hint = (
                         " To give every call its own key, pass the key as `key=` "
                         "(mapped call i gets `derive(key, i)`); to share it, give it "
@@ -477,7 +458,7 @@ class _VmapWrapper(eqx.Module):
         for i, (leaf, axis) in enumerate(zip(leaves, axes, strict=True)):
             if axis is not None:
                 facts.append(Facts(frozenset(), True))
-            elif _is_key_like(leaf):
+            elif is_key_like(leaf):
                 origin_label[len(inputs)] = labels[i]
                 facts.append(Facts(frozenset({len(inputs)}), False))
             else:
@@ -485,7 +466,7 @@ class _VmapWrapper(eqx.Module):
             arg_slots.append(i)
             inputs.append(leaf)
         for j, (path, leaf) in enumerate(fn_leaves):
-            if _is_key_like(leaf):
+            if is_key_like(leaf):
                 origin_label[len(inputs)] = _label("the mapped function", name, path)
                 facts.append(Facts(frozenset({len(inputs)}), False))
                 fn_slots.append(j)

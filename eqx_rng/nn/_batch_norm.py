@@ -25,6 +25,7 @@ from jaxtyping import Array, Float, Int
 
 from .._custom_types import Key
 from .._typecheck import typecheck
+from .._util import axis_names
 
 _UNBOUND_AXIS_MSG = (
     "`BatchNorm` computes batch statistics over the vmapped axis {name!r}, which is "
@@ -43,10 +44,6 @@ def _wider(a: Any, b: Any) -> Any:
     float32 under `jax_numpy_dtype_promotion="strict"`)."""
     a, b = jnp.dtype(a), jnp.dtype(b)
     return a if jnp.finfo(a).bits >= jnp.finfo(b).bits else b
-
-
-def _axis_names(axis_name: Any) -> tuple[Hashable, ...]:
-    return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -222,7 +219,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         """The number of examples pooled over `axis_name` (static), or a
         `ValueError` with the recipe when a name is not bound."""
         size = 1
-        for name in _axis_names(self.axis_name):
+        for name in axis_names(self.axis_name):
             try:
                 size *= lax.axis_size(name)
             except NameError:
