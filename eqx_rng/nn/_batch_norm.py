@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, Int
 from .._custom_types import Key
 from .._typecheck import typecheck
 from .._util import axis_names
+from ._common import _wider
 
 _UNBOUND_AXIS_MSG = (
     "`BatchNorm` computes batch statistics over the vmapped axis {name!r}, which is "
@@ -37,13 +38,6 @@ _UNBOUND_AXIS_MSG = (
 _Stats = tuple[
     Float[Array, " num_features"], Float[Array, " num_features"], Int[Array, ""]
 ]
-
-
-def _wider(a: Any, b: Any) -> Any:
-    """The wider of two floating dtypes (`jnp.promote_types` refuses bfloat16 and
-    float32 under `jax_numpy_dtype_promotion="strict"`)."""
-    a, b = jnp.dtype(a), jnp.dtype(b)
-    return a if jnp.finfo(a).bits >= jnp.finfo(b).bits else b
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
