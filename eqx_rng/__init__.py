@@ -8,6 +8,7 @@ from ._keys import (
     derive as derive,
     example_keys as example_keys,
     grid_keys as grid_keys,
+    id_halves as id_halves,
     split_like as split_like,
     string_hash as string_hash,
     tree_normal as tree_normal,
