@@ -6,9 +6,10 @@ stochastic-gradient Langevin dynamics (Welling & Teh, 2011),
 
     theta <- theta + (eps / 2) * grad_est log p(theta | data) + sqrt(eps) * xi,
 
-run as one vmapped program: chain `c` gets `derive(key, c)` from `eqx_rng.vmap`,
-step `t` draws its minibatch from `derive(chain_key, t, "batch")` and its injected
-noise `xi` from `eqx_rng.tree_normal(derive(chain_key, t, "noise"), theta)`.
+run as one vmapped program with `eqx_rng.optim.sgld` inside `eqx_rng.make_train_step`:
+chain `c`'s TrainState key is `derive(key, c)` (from `eqx_rng.vmap`); step `t` draws
+its minibatch from `derive(step_key, "batch")` and the optimizer draws the injected
+noise `xi` from `derive(step_key, "optimizer")`, `step_key = derive(chain_key, t)`.
 
 Checks (exit 0 when all pass):
 
@@ -27,8 +28,9 @@ inflated by about `step_scale / 4` from the discretisation and by `step_scale * 
 computed exactly here (the stationary covariance of the SGLD recursion, a discrete
 Lyapunov equation) and reported next to the measured covariance error.
 
-`--broken` runs a deliberately broken variant: the injected noise comes from one key
-shared by all chains (an unmapped argument of `eqx_rng.vmap` consumed inside it).
+`--broken` runs a deliberately broken variant: every chain's TrainState is built from
+one key shared by all chains (an unmapped argument of `eqx_rng.vmap` consumed inside
+it), so the chains draw the same minibatches and the same noise.
 `eqx_rng.vmap` refuses it with `BroadcastKeyError` (printed; exit 3). The variant is
 then run with the check switched off (`keys="broadcast"`) to show what it would have
 produced: chains that move in lockstep, caught by check 3 (exit 1 if only the
@@ -200,64 +202,86 @@ def sgld_stationary_cov(cfg: Config, problem: Problem) -> np.ndarray:
 # ------------------------------------------------------------------------------- SGLD
 
 
+def sample_chains(
+    loss_fn: Callable,
+    optimizer: Any,
+    theta0: PyTree,
+    key: Any,
+    *,
+    n_saved: int,
+    thin: int,
+    shared_key: Any = None,
+    broadcast_opt_in: bool = False,
+) -> np.ndarray:
+    """Run one SGLD chain per leading index of `theta0` with `make_train_step`, as
+    one vmapped program; returns `(chains, n_saved, d)` draws, every `thin` steps.
+
+    Chain `c`'s TrainState key is `derive(key, c)` (from `eqx_rng.vmap`); its step
+    `t` draws the minibatch and the Langevin noise from `derive(that key, t)`. With
+    `shared_key` (the BROKEN variant), every chain's TrainState is built from that
+    one key instead: `eqx_rng.vmap` refuses it, unless `broadcast_opt_in`.
+    """
+    step = eqx_rng.make_train_step(
+        loss_fn, optimizer, steps_per_call=thin, extra_metrics=False
+    )
+
+    def block(ts: Any, _: Any) -> tuple[Any, Any]:
+        ts, _ = step(ts, None)  # `thin` SGLD steps
+        return ts, flatten(ts.model)
+
+    def run(ts: Any) -> Any:
+        return eqx_rng.scan(block, length=n_saved)(ts, None)[1]
+
+    def run_chain(theta: PyTree, *, key: Any) -> Float[Array, "kept d"]:
+        return run(eqx_rng.TrainState.create(theta, optimizer, key=key))
+
+    def run_chain_shared_noise(
+        theta: PyTree, noise_key: Any, *, key: Any
+    ) -> Float[Array, "kept d"]:
+        # BROKEN on purpose: `noise_key` is the same for every chain and nothing
+        # per-chain is folded into it, so every chain draws the same noise.
+        del key
+        return run(eqx_rng.TrainState.create(theta, optimizer, key=noise_key))
+
+    if shared_key is None:
+        kept = eqx.filter_jit(eqx_rng.vmap(run_chain))(theta0, key=key)
+    else:
+        mapped = eqx_rng.vmap(
+            run_chain_shared_noise,
+            in_axes=(0, None),
+            keys="broadcast" if broadcast_opt_in else "derive",
+        )
+        kept = eqx.filter_jit(mapped)(theta0, shared_key, key=key)
+    return np.asarray(jax.block_until_ready(kept), np.float64)
+
+
 def make_train(
     cfg: Config, *, broken: bool = False, broadcast_opt_in: bool = False
 ) -> Callable[[Any], Any]:
     """`train(key) -> (problem, draws)`: `draws` is `(chains, kept, dim + 1)` NumPy.
 
-    `broken=True` builds the variant whose injected noise comes from one key shared
-    by every chain; with `broadcast_opt_in=True` it is run anyway (`keys="broadcast"`).
+    The sampler is `eqx_rng.optim.sgld(eps, num_data=N)` inside
+    `eqx_rng.make_train_step`: the loss is the minibatch mean of the per-example
+    negative log joint, so the update is `(eps / 2) * grad_est log p(theta | data) +
+    sqrt(eps) * xi`. `broken=True` builds the variant whose chains share one key;
+    with `broadcast_opt_in=True` it is run anyway (`keys="broadcast"`).
     """
-    n_saved = cfg.steps // cfg.thin
 
     def train(key: Any) -> tuple[Problem, np.ndarray]:
         problem = make_problem(cfg, eqx_rng.derive(key, "data"))
         x = jnp.asarray(problem.x, jnp.float32)
         y = jnp.asarray(problem.y, jnp.float32)
-        eps = problem.step_size
         var, prior_var = cfg.noise_std**2, cfg.prior_std**2
-        scale = cfg.n_data / cfg.batch_size
 
-        def grad_log_post(theta: PyTree, idx: Any) -> PyTree:
-            """Unbiased minibatch estimate of the gradient of the log posterior."""
-            xb, yb = x[idx], y[idx]
-            resid = yb - xb @ theta["w"] - theta["b"]
-            return {
-                "w": scale * (xb.T @ resid) / var - theta["w"] / prior_var,
-                "b": scale * jnp.sum(resid) / var - theta["b"] / prior_var,
-            }
-
-        def step(theta: PyTree, t: Any, chain_key: Any, noise_key: Any) -> PyTree:
+        def loss_fn(theta: PyTree, state: Any, batch: Any, *, key: Any) -> Any:
+            """Minibatch mean of `-log p(y_i | theta) - log p(theta) / N`."""
             idx = jr.randint(
-                eqx_rng.derive(chain_key, t, "batch"), (cfg.batch_size,), 0, cfg.n_data
+                eqx_rng.derive(key, "batch"), (cfg.batch_size,), 0, cfg.n_data
             )
-            grad = grad_log_post(theta, idx)
-            xi = eqx_rng.tree_normal(eqx_rng.derive(noise_key, t, "noise"), theta)
-            return jax.tree.map(
-                lambda p, g, z: p + 0.5 * eps * g + math.sqrt(eps) * z, theta, grad, xi
-            )
-
-        def run_chain(theta0: PyTree, *, key: Any) -> Float[Array, "kept d"]:
-            # The correct program: the noise key is this chain's key.
-            return _scan(theta0, lambda th, t: step(th, t, key, key))
-
-        def run_chain_shared_noise(
-            theta0: PyTree, noise_key: Any, *, key: Any
-        ) -> Float[Array, "kept d"]:
-            # BROKEN on purpose: `noise_key` is the same for every chain and nothing
-            # per-chain is folded into it, so every chain gets the same noise.
-            return _scan(theta0, lambda th, t: step(th, t, key, noise_key))
-
-        def _scan(theta0: PyTree, one_step: Callable) -> Any:
-            def block(theta: PyTree, i: Any) -> tuple[PyTree, Any]:
-                def inner(th: PyTree, j: Any) -> tuple[PyTree, None]:
-                    return one_step(th, i * cfg.thin + j), None
-
-                theta, _ = jax.lax.scan(inner, theta, jnp.arange(cfg.thin))
-                return theta, flatten(theta)
-
-            _, kept = jax.lax.scan(block, theta0, jnp.arange(n_saved))
-            return kept
+            resid = y[idx] - x[idx] @ theta["w"] - theta["b"]
+            prior = jnp.sum(theta["w"] ** 2) + theta["b"] ** 2
+            nll = jnp.mean(resid**2) / (2 * var)
+            return nll + prior / (2 * prior_var * cfg.n_data), (state, None)
 
         def init_theta(*, key: Any) -> PyTree:
             template = {"w": jnp.zeros(cfg.dim), "b": jnp.zeros(())}
@@ -267,19 +291,18 @@ def make_train(
 
         # Chain c starts from a prior draw keyed by derive(init_key, c): overdispersed.
         theta0 = eqx_rng.ensemble(init_theta, eqx_rng.derive(key, "init"), cfg.chains)
-        sgld_key = eqx_rng.derive(key, "sgld")
-        if not broken:
-            program = eqx.filter_jit(eqx_rng.vmap(run_chain))
-            kept = program(theta0, key=sgld_key)
-        else:
-            shared = eqx_rng.derive(key, "shared-noise")
-            mapped = eqx_rng.vmap(
-                run_chain_shared_noise,
-                in_axes=(0, None),
-                keys="broadcast" if broadcast_opt_in else "derive",
-            )
-            kept = eqx.filter_jit(mapped)(theta0, shared, key=sgld_key)
-        return problem, np.asarray(jax.block_until_ready(kept), np.float64)
+        optimizer = eqx_rng.optim.sgld(problem.step_size, num_data=cfg.n_data)
+        draws = sample_chains(
+            loss_fn,
+            optimizer,
+            theta0,
+            eqx_rng.derive(key, "sgld"),
+            n_saved=cfg.steps // cfg.thin,
+            thin=cfg.thin,
+            shared_key=eqx_rng.derive(key, "shared-noise") if broken else None,
+            broadcast_opt_in=broadcast_opt_in,
+        )
+        return problem, draws
 
     return train
 
