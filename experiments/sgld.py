@@ -85,6 +85,15 @@ class Config:
     thin: int = 10  # keep every `thin`-th state
     batch_size: int = 500  # minibatch per step, drawn with replacement
     step_scale: float = 0.02
+    # Welling & Teh (2011), section 5.1: the bimodal Gaussian-mixture posterior.
+    mix_data: int = 100
+    mix_chains: int = 512
+    mix_steps: int = 20_000
+    mix_burn_in: int = 4_000
+    mix_thin: int = 20
+    mix_batch: int = 10
+    mix_step_size: float = 0.01
+    mix_tol: float = 0.05  # |SGLD mass - grid mass| of each mode
 
     @classmethod
     def tiny(cls) -> "Config":
@@ -96,6 +105,9 @@ class Config:
             thin=4,
             batch_size=200,
             step_scale=0.25,
+            mix_chains=64,
+            mix_steps=3_000,
+            mix_burn_in=600,
         )
 
     def validate(self) -> None:
@@ -212,6 +224,7 @@ def sample_chains(
     thin: int,
     shared_key: Any = None,
     broadcast_opt_in: bool = False,
+    record: Callable[[PyTree], Any] = flatten,
 ) -> np.ndarray:
     """Run one SGLD chain per leading index of `theta0` with `make_train_step`, as
     one vmapped program; returns `(chains, n_saved, d)` draws, every `thin` steps.
@@ -227,7 +240,7 @@ def sample_chains(
 
     def block(ts: Any, _: Any) -> tuple[Any, Any]:
         ts, _ = step(ts, None)  # `thin` SGLD steps
-        return ts, flatten(ts.model)
+        return ts, record(ts.model)
 
     def run(ts: Any) -> Any:
         return eqx_rng.scan(block, length=n_saved)(ts, None)[1]
@@ -305,6 +318,163 @@ def make_train(
         return problem, draws
 
     return train
+
+
+# ------------------------------------------------ Welling & Teh (2011), section 5.1
+
+MIX_PRIOR_VAR = (10.0, 1.0)  # variances of theta1, theta2 (sigma_1^2, sigma_2^2)
+MIX_X_VAR = 2.0  # sigma_x^2
+MIX_TRUE = (0.0, 1.0)
+MIX_GRID = ((-2.5, 3.5), (-3.5, 3.5), 601)  # theta1 range, theta2 range, points
+
+
+def mixture_data(cfg: Config, key: Any) -> np.ndarray:
+    """`mix_data` points from `1/2 N(theta1, 2) + 1/2 N(theta1 + theta2, 2)` at
+    `theta = (0, 1)`."""
+    pick = jr.bernoulli(eqx_rng.derive(key, "component"), 0.5, (cfg.mix_data,))
+    z = jr.normal(eqx_rng.derive(key, "noise"), (cfg.mix_data,))
+    t1, t2 = MIX_TRUE
+    x = t1 + np.where(np.asarray(pick), t2, 0.0) + math.sqrt(MIX_X_VAR) * np.asarray(z)
+    return np.asarray(x, np.float64)
+
+
+def _mixture_loglik(x: Any, t1: Any, t2: Any, xp: Any) -> Any:
+    """`log p(x | theta)` per point, for NumPy or JAX (`xp`); broadcasts."""
+    c = -0.5 * math.log(2 * math.pi * MIX_X_VAR) + math.log(0.5)
+    a = c - (x - t1) ** 2 / (2 * MIX_X_VAR)
+    b = c - (x - t1 - t2) ** 2 / (2 * MIX_X_VAR)
+    return xp.logaddexp(a, b)
+
+
+def mixture_grid_posterior(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact posterior on a grid: `(theta1 axis, theta2 axis, mass)` with
+    `mass[i, j]` the probability of the cell at `(theta1[i], theta2[j])`."""
+    (lo1, hi1), (lo2, hi2), n = MIX_GRID
+    g1, g2 = np.linspace(lo1, hi1, n), np.linspace(lo2, hi2, n)
+    t1, t2 = np.meshgrid(g1, g2, indexing="ij")
+    logp = -(t1**2) / (2 * MIX_PRIOR_VAR[0]) - t2**2 / (2 * MIX_PRIOR_VAR[1])
+    for xi in x:
+        logp = logp + _mixture_loglik(xi, t1, t2, np)
+    mass = np.exp(logp - logp.max())
+    return g1, g2, mass / mass.sum()
+
+
+def mode_a(t1: Any, t2: Any) -> Any:
+    """The half-plane of the mode near the true `(0, 1)`; the other mode, near
+    `(1, -1)` (`theta1 + theta2` and `-theta2` swap the components), lies across
+    the perpendicular bisector of the two points."""
+    return (t1 - 0.5) - 2 * t2 < 0
+
+
+def make_mixture_train(cfg: Config) -> Callable[[Any], Any]:
+    """`train(key) -> (x, draws)`: `mix_chains` SGLD chains on the mixture
+    posterior, one vmapped program; `draws` is `(chains, kept, 2)`."""
+
+    def train(key: Any) -> tuple[np.ndarray, np.ndarray]:
+        x_np = mixture_data(cfg, eqx_rng.derive(key, "data"))
+        x = jnp.asarray(x_np, jnp.float32)
+
+        def loss_fn(theta: PyTree, state: Any, batch: Any, *, key: Any) -> Any:
+            idx = jr.randint(
+                eqx_rng.derive(key, "batch"), (cfg.mix_batch,), 0, cfg.mix_data
+            )
+            t1, t2 = theta["t"][0], theta["t"][1]
+            nll = -jnp.mean(_mixture_loglik(x[idx], t1, t2, jnp))
+            prior = t1**2 / (2 * MIX_PRIOR_VAR[0]) + t2**2 / (2 * MIX_PRIOR_VAR[1])
+            return nll + prior / cfg.mix_data, (state, None)
+
+        def init_theta(*, key: Any) -> PyTree:
+            sd = jnp.sqrt(jnp.asarray(MIX_PRIOR_VAR, jnp.float32))
+            return {"t": sd * jr.normal(key, (2,))}  # a prior draw
+
+        theta0 = eqx_rng.ensemble(
+            init_theta, eqx_rng.derive(key, "init"), cfg.mix_chains
+        )
+        optimizer = eqx_rng.optim.sgld(cfg.mix_step_size, num_data=cfg.mix_data)
+        draws = sample_chains(
+            loss_fn,
+            optimizer,
+            theta0,
+            eqx_rng.derive(key, "sgld"),
+            n_saved=cfg.mix_steps // cfg.mix_thin,
+            thin=cfg.mix_thin,
+            record=lambda theta: theta["t"],
+        )
+        return x_np, draws
+
+    return train
+
+
+def analyse_mixture(cfg: Config, x: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
+    """Each mode's mass: SGLD (post-burn-in draws of all chains) against the grid."""
+    g1, g2, mass = mixture_grid_posterior(x)
+    t1, t2 = np.meshgrid(g1, g2, indexing="ij")
+    grid_a = float(mass[mode_a(t1, t2)].sum())
+    post = draws[:, cfg.mix_burn_in // cfg.mix_thin :]
+    in_a = mode_a(post[..., 0], post[..., 1])
+    per_chain = in_a.mean(axis=1)
+    sgld_a = float(per_chain.mean())
+    se = float(per_chain.std(ddof=1) / math.sqrt(cfg.mix_chains))
+    switched = float(np.mean((per_chain > 0) & (per_chain < 1)))
+    ok = abs(sgld_a - grid_a) <= cfg.mix_tol
+    return {
+        "grid_mass_mode_a": grid_a,
+        "grid_mass_mode_b": 1 - grid_a,
+        "sgld_mass_mode_a": sgld_a,
+        "sgld_mass_mode_b": 1 - sgld_a,
+        "sgld_mass_se": se,
+        "chains_visiting_both_modes": switched,
+        "tolerance": cfg.mix_tol,
+        "checks": {f"each mode's mass within {cfg.mix_tol} of the grid": ok},
+        "passed": ok,
+    }
+
+
+def report_mixture(res: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "Gaussian mixture (Welling & Teh 2011, 5.1): mass of each mode",
+            f"  mode near (0, 1):  grid {res['grid_mass_mode_a']:.4f}, SGLD "
+            f"{res['sgld_mass_mode_a']:.4f} (+/- {res['sgld_mass_se']:.4f} s.e.)",
+            f"  mode near (1, -1): grid {res['grid_mass_mode_b']:.4f}, SGLD "
+            f"{res['sgld_mass_mode_b']:.4f}",
+            f"  chains that visited both modes: "
+            f"{100 * res['chains_visiting_both_modes']:.0f}%",
+            *(
+                f"  [{'PASS' if ok else 'FAIL'}] {name}"
+                for name, ok in res["checks"].items()
+            ),
+        ]
+    )
+
+
+def plot_mixture(
+    path: Path, cfg: Config, x: np.ndarray, draws: np.ndarray, title: str
+) -> None:
+    import matplotlib.pyplot as plt
+
+    g1, g2, mass = mixture_grid_posterior(x)
+    post = draws[:, cfg.mix_burn_in // cfg.mix_thin :].reshape(-1, 2)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True, sharey=True)
+    for ax, label in zip(
+        axes, ("exact posterior (grid)", "SGLD draws, all chains"), strict=True
+    ):
+        ax.set_xlabel("theta1")
+        ax.set_title(label)
+    axes[0].set_ylabel("theta2")
+    axes[0].contourf(g1, g2, mass.T, levels=20, cmap="viridis")
+    axes[1].hist2d(
+        post[:, 0],
+        post[:, 1],
+        bins=(np.linspace(*MIX_GRID[0], 120), np.linspace(*MIX_GRID[1], 120)),
+        cmap="viridis",
+    )
+    for ax in axes:
+        ax.plot([0, 1], [1, -1], "r+", ms=10, label="modes (0, 1), (1, -1)")
+        line = np.linspace(*MIX_GRID[0], 2)
+        ax.plot(line, (line - 0.5) / 2, "w--", lw=1, label="mode boundary")
+        ax.legend(fontsize=7, loc="lower left")
+    _common.finish(fig, path, title, dpi=100)
 
 
 # -------------------------------------------------------------------------- analysis
@@ -579,6 +749,28 @@ def main(argv: list[str] | None = None) -> int:
     res = analyse(cfg, problem, draws)
     print(report(cfg, res))
     print(f"\nwall time {wall:.1f} s (compilation included)")
+    mixture: dict[str, Any] | None = None
+    if not args.broken:
+        print(
+            f"\nSGLD on the Gaussian mixture of Welling & Teh (2011): {cfg.mix_chains} "
+            f"chains x {cfg.mix_steps} steps, batch {cfg.mix_batch} of {cfg.mix_data}"
+        )
+        mix_start = time.perf_counter()
+        x_mix, mix_draws = make_mixture_train(cfg)(eqx_rng.derive(key, "mixture"))
+        mix_wall = time.perf_counter() - mix_start
+        mixture = analyse_mixture(cfg, x_mix, mix_draws)
+        mixture["wall_time_s"] = mix_wall
+        print(report_mixture(mixture))
+        print(f"\nwall time {mix_wall:.1f} s (compilation included)")
+        plot_mixture(
+            out / "sgld-mixture.png",
+            cfg,
+            x_mix,
+            mix_draws,
+            title=f"SGLD vs the exact bimodal posterior (Welling & Teh 2011, 5.1; seed {args.seed})",
+        )
+        res["checks"].update(mixture["checks"])
+        res["passed"] = res["passed"] and mixture["passed"]
 
     plot(
         out / f"{name}.png",
@@ -593,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": _common.config_dict(cfg),
         "seed": args.seed,
         "results": res,
+        "mixture": mixture,
         "broadcast_key_error": caught,
         "wall_time_s": wall,
         "git_commit": _common.git_commit(),
