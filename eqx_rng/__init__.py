@@ -30,6 +30,9 @@ from ._sharding import chain_mesh as chain_mesh, shard as shard
 from ._scan import scan as scan
 from ._train import TrainState as TrainState, make_train_step as make_train_step
 
+# isort: split
+from . import optim as optim
+
 # --- checkpoints (_checkpoint.py) ---
 # isort: split
 from ._checkpoint import (
