@@ -479,6 +479,7 @@ def test_flipout_decorrelates_examples_sharing_one_weight_draw():
 def test_bayes_linear_modes_and_errors():
     layer = nn.BayesLinear(3, 2, key=jr.key(9))
     x = jnp.ones(3)
+    assert layer.bias_mean is not None
     np.testing.assert_allclose(
         eqx.nn.inference_mode(layer)(x), layer.weight_mean @ x + layer.bias_mean
     )
