@@ -11,7 +11,6 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import jax
 from beartype import beartype
 from jaxtyping import TypeCheckError, jaxtyped
 
