@@ -26,8 +26,9 @@ from ._vmap import vmap as vmap
 # isort: split
 from ._sharding import chain_mesh as chain_mesh, shard as shard
 
-# --- training (_train.py) ---
+# --- training (_train/, _scan.py, optim/) ---
 # isort: split
+from ._scan import scan as scan
 from ._train import TrainState as TrainState, make_train_step as make_train_step
 
 # --- checkpoints (_checkpoint.py) ---
