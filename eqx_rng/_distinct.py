@@ -165,7 +165,7 @@ def check_distinct_keys(tree: PyTree, axis: int = 0, *, legacy: bool = True) -> 
             "its own key: derive it from the chain's key (`eqx_rng.ensemble` passes "
             "`key=derive(key, c)` to `make`) instead of a fixed seed, e.g. "
             "`optax.add_noise(eta, gamma, key=eqx_rng.derive(key, 'noise'))` inside "
-            "`make`, or use `eqx_rng.optim.add_noise`, which draws from the step key."
+            "`make`."
         )
     return tree
 

@@ -57,8 +57,20 @@ def _legacy_key_params(fn: Callable[..., Any], args: tuple, kwargs: dict) -> lis
     return names
 
 
-def _legacy_key_error(fn: Callable[..., Any], params: list[str]) -> TypeCheckError:
-    name = getattr(fn, "__qualname__", getattr(fn, "__name__", "this function"))
+def _call_name(fn: Callable[..., Any], args: tuple) -> str:
+    """`derive`, or `Dropout.__call__` for a method (named after the instance's
+    class, not the base class that defines it)."""
+    qualname = getattr(fn, "__qualname__", getattr(fn, "__name__", "this function"))
+    if (
+        "." in qualname
+        and args
+        and qualname.split(".")[0] in {c.__name__ for c in type(args[0]).__mro__}
+    ):
+        return f"{type(args[0]).__name__}.{qualname.rsplit('.', 1)[1]}"
+    return qualname
+
+
+def _legacy_key_error(name: str, params: list[str]) -> TypeCheckError:
     return TypeCheckError(
         f"{_LEGACY_KEY_FIX}\n`{name}` got a legacy `uint32[2]` key (from "
         f"`jax.random.PRNGKey`) for {' and '.join(params)}; eqx_rng takes typed PRNG "
@@ -119,7 +131,8 @@ def typecheck(fn: _T) -> _T:
             # instead of the type checker's report.
             params = _legacy_key_params(fn, args, kwargs)  # type: ignore[arg-type]
             if params:
-                raise _legacy_key_error(fn, params) from None  # type: ignore[arg-type]
+                name = _call_name(fn, args)  # type: ignore[arg-type]
+                raise _legacy_key_error(name, params) from None
             raise
 
     return wrapper  # type: ignore[return-value]
