@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import optax
 import pytest
 from jax import lax
 
@@ -172,3 +173,36 @@ def test_derive_reuse_error_is_a_key_reuse_error_with_a_readable_message():
     assert message.startswith("Key reuse inside `eqx_rng.debug.key_reuse()`")
     assert "Previously-consumed key" in message  # JAX's own diagnosis is kept
     assert "DerivedKeyReuseError" not in message  # no link to a missing page
+
+
+class _Net(eqx.Module):
+    layer: eqx.nn.Linear
+    drop: eqx_rng.nn.Dropout
+    second_path: str = eqx.field(static=True)
+
+    def __call__(self, x, *, key):
+        h = self.drop(self.layer(x), key=derive(key, "dropout1"))
+        return self.drop(h, key=derive(key, self.second_path))
+
+
+def _train_two_steps(second_path):
+    def loss_fn(model, state, batch, *, key):
+        out = eqx_rng.vmap(lambda x, *, key: model(x, key=key))(batch, key=key)
+        return jnp.mean(out**2), (state, {})
+
+    model = _Net(
+        eqx.nn.Linear(3, 3, key=jr.key(1)), eqx_rng.nn.Dropout(0.2), second_path
+    )
+    opt = optax.sgd(0.1)
+    ts = eqx_rng.TrainState.create(model, opt, key=jr.key(2))
+    step = eqx_rng.make_train_step(loss_fn, opt)
+    for _ in range(2):
+        ts, _ = step(ts, jnp.ones((4, 3)))
+
+
+def test_a_model_trained_with_make_train_step():
+    with key_reuse():
+        _train_two_steps("dropout2")  # distinct paths: no false alarm
+    with pytest.raises(jax.errors.KeyReuseError, match="'dropout1'\\): derived 2"):
+        with key_reuse():
+            _train_two_steps("dropout1")  # the copy-paste bug, caught in training
