@@ -206,3 +206,19 @@ def test_a_model_trained_with_make_train_step():
     with pytest.raises(jax.errors.KeyReuseError, match="'dropout1'\\): derived 2"):
         with key_reuse():
             _train_two_steps("dropout1")  # the copy-paste bug, caught in training
+
+
+def test_keys_derived_in_a_branch_or_checkpoint_stay_in_that_trace():
+    # The same path derived from a closed-over traced key inside `cond` or
+    # `checkpoint` and again outside: each trace gets its own key (no tracer leaks
+    # out of the inner trace), and one draw per trace is fine.
+    @jax.jit
+    def f(x, key):
+        noisy = lambda: x * jr.normal(derive(key, "d"), x.shape)  # noqa: E731
+        y = lax.cond(x[0] > 0, noisy, lambda: x)
+        y = jax.checkpoint(lambda x: x * jr.normal(derive(key, "d"), x.shape))(y)
+        return y, derive(key, "d")
+
+    with key_reuse():
+        y, k = f(jnp.ones(3), jr.key(0))
+    assert y.shape == (3,) and k.shape == ()
