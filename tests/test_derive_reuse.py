@@ -40,6 +40,17 @@ def _scanned(layer):
     return run
 
 
+def _while(layer):
+    def run(x, key):
+        def body(carry):
+            t, h = carry
+            return t + 1, layer(h, derive(key, t))
+
+        return lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    return run
+
+
 def _vmapped(layer):
     return lambda xs, key: jax.vmap(layer)(xs, jr.split(key, xs.shape[0]))
 
@@ -51,6 +62,7 @@ _TRANSFORMS = {
     "jit_vmap": lambda f: jax.jit(_vmapped(f)),
     "scan": _scanned,
     "jit_scan": lambda f: jax.jit(_scanned(f)),
+    "while_loop": _while,
     "eqx_rng_vmap": lambda f: (
         lambda xs, key: eqx_rng.vmap(lambda x, *, key: f(x, key))(xs, key=key)
     ),
