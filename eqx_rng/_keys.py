@@ -321,8 +321,11 @@ def grid_keys(key: Key, shape: Any, *, start: Any = None) -> KeyGrid:
 
     **Raises:**
 
-    `ValueError` for a negative or non-integer shape, or a `start` whose length is
-    not the number of dimensions.
+    `ValueError` for a negative or non-integer shape, a `start` whose length is
+    not the number of dimensions, or a concrete `start` (int, NumPy or JAX scalar)
+    that is negative or whose last index `start[d] + shape[d] - 1` reaches `2**32`
+    (it would silently wrap). A traced `start` cannot be checked: its indices wrap
+    modulo `2**32`.
 
     !!! Example
 
