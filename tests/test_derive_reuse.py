@@ -146,9 +146,19 @@ def test_one_mask_drawn_once_and_multiplied_at_every_step_is_fine():
 
         return lax.scan(body, x, None, length=5)[0]
 
+    def locked_dropout(x, key):
+        mask = eqx_rng.nn.Dropout(0.5).mask(x.shape, key=derive(key, "mask"))
+
+        def body(h, _):
+            return h * mask, None
+
+        return lax.scan(body, x, None, length=5)[0]
+
     with key_reuse():
         run(jnp.ones(3), jr.key(0))
         jax.jit(run)(jnp.ones(3), jr.key(1))
+        locked_dropout(jnp.ones(3), jr.key(2))
+        jax.jit(locked_dropout)(jnp.ones(3), jr.key(3))
 
 
 def test_tree_normal_twice_with_one_key_is_reuse():
