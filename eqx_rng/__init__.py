@@ -3,6 +3,7 @@
 import importlib.metadata as _metadata
 
 from ._custom_types import Key as Key, KeyGrid as KeyGrid
+from ._distinct import DuplicateKeyError as DuplicateKeyError
 from ._keys import (
     as_key as as_key,
     derive as derive,
