@@ -1,0 +1,5 @@
+"""`eqx_rng.vmap` and its parts: axes, device placement, outputs, the key check."""
+
+from ._wrapper import vmap as vmap
+
+__all__ = ["vmap"]
