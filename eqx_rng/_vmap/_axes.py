@@ -165,12 +165,41 @@ def _unmappable_hint(leaf: Any, shape: tuple[int, ...]) -> str:
     return ""
 
 
+def state_leaf_flags(args: tuple, n_leaves: int) -> list[bool]:
+    """A flag per input leaf (positional arguments first): inside an `eqx.nn.State`."""
+    flags: list[bool] = []
+    for arg in args:
+        for item in jtu.tree_flatten(arg, is_leaf=is_state)[0]:
+            flags.extend([is_state(item)] * len(jtu.tree_leaves(item)))
+    return flags + [False] * (n_leaves - len(flags))
+
+
+def _mapped_state_message(where: str, problem: str) -> str:
+    return (
+        f"`eqx_rng.vmap`: {where} is inside an `eqx.nn.State` argument, which is "
+        f"mapped like any other argument when `axis_name` is not set, and {problem}. "
+        f"To share one State across the mapped calls (inference, BatchNorm "
+        f"statistics), set `axis_name=` on `eqx_rng.vmap` (State arguments are then "
+        f"unmapped in and out) or give the State in_axes None; to map one State per "
+        f"call, give every array in it a leading axis of the mapped size "
+        f"(`eqx_rng.ensemble` builds such States)."
+    )
+
+
 def axis_size_from(
-    leaves: list[Any], axes: list[Any], labels: list[str], axis_size: int | None
+    leaves: list[Any],
+    axes: list[Any],
+    labels: list[str],
+    axis_size: int | None,
+    in_state: list[bool] | None = None,
 ) -> tuple[int | None, list[Any]]:
-    """Check every mapped leaf; return the mapped size and normalised axes."""
+    """Check every mapped leaf; return the mapped size and normalised axes.
+
+    `in_state[i]`: leaf `i` is inside an `eqx.nn.State` (for the messages).
+    """
     sizes: dict[int, str] = {}
     normalised = list(axes)
+    in_state = in_state or [False] * len(leaves)
     for i, (leaf, axis, where) in enumerate(zip(leaves, axes, labels, strict=True)):
         if axis is None:
             continue
@@ -181,12 +210,22 @@ def axis_size_from(
             continue
         shape = tuple(leaf.shape)
         if not -len(shape) <= axis < len(shape):
+            if in_state[i]:
+                problem = f"it has shape {shape}, with no axis {axis} to map over"
+                raise ValueError(_mapped_state_message(where, problem))
             raise ValueError(
                 f"`eqx_rng.vmap`: {where} has shape {shape} and cannot be mapped "
                 f"over axis {axis}.{_unmappable_hint(leaf, shape)}"
             )
         axis = axis % len(shape)
         normalised[i] = axis
+        if in_state[i] and sizes and shape[axis] not in sizes:
+            first_size, first = next(iter(sizes.items()))
+            problem = (
+                f"its mapped axis has size {shape[axis]} where {first} has size "
+                f"{first_size}"
+            )
+            raise ValueError(_mapped_state_message(where, problem))
         sizes.setdefault(shape[axis], where)
     if axis_size is not None:
         for size, where in sizes.items():
@@ -234,4 +273,5 @@ __all__ = [
     "leaf_axes",
     "positional_names",
     "state_input_axes",
+    "state_leaf_flags",
 ]

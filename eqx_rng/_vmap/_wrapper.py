@@ -32,10 +32,12 @@ from ._axes import (
     fn_name,
     positional_names,
     state_input_axes,
+    state_leaf_flags,
 )
 from ._check import MISSING, analysing, check_broadcast_keys
 from ._outputs import (
     assemble_outputs,
+    check_out_axis_range,
     check_unmapped_outputs,
     is_unmapped_output_error,
     out_leaf_axes,
@@ -43,6 +45,7 @@ from ._outputs import (
     state_message,
 )
 from ._placement import call_index, eager_mesh_stack, mapped_split
+from ._shared import unwrap_shared
 
 _KEY_MODES = ("derive", "broadcast")
 
@@ -68,6 +71,21 @@ def _check_key(key: Any) -> None:
     )
 
 
+def _check_axes_spec(what: str, spec: Any) -> None:
+    """Every entry of `in_axes` / `out_axes` is None, an int or a callable."""
+    if spec is DEFAULT_AXES:
+        return
+    for path, entry in jtu.tree_flatten_with_path(spec)[0]:
+        if isinstance(entry, bool) or not (isinstance(entry, int) or callable(entry)):
+            where = jtu.keystr(path)
+            raise ValueError(
+                f"`eqx_rng.vmap({what}=...)`: every entry is None, an int (the axis "
+                f"to map) or a callable `leaf -> int | None`, got {entry!r}"
+                f"{f' at {where}' if where else ''}. For example `{what}=0`, "
+                f"`{what}=(0, None)` or `{what}=eqx.if_array(0)`."
+            )
+
+
 @dataclasses.dataclass
 class _Call:
     """One call's inputs, resolved: leaves, axes, the key and the State flags."""
@@ -77,6 +95,7 @@ class _Call:
     axes: list[Any]
     labels: list[str]
     axis_size: int
+    exempt: list[bool]
     key: Any
     per_call_key: bool
     check: bool
@@ -116,6 +135,40 @@ class _VmapWrapper(eqx.Module):
             fn = fn._fn
         return fn
 
+    def _unwrap_shared(
+        self, args: tuple, kwargs: dict, names: list[str], name: str
+    ) -> tuple[tuple, dict, list[bool]]:
+        """Arguments with `eqx_rng.shared` markers removed, and a flag per leaf
+        (positional arguments first, then keyword arguments) for leaves that were
+        inside one."""
+        exempt: list[bool] = []
+        new_args = []
+        for i, arg in enumerate(args):
+            value, flags, whole = unwrap_shared(arg)
+            if whole and self._explicit_axis(i, names[i]) is not None:
+                raise ValueError(
+                    f"`eqx_rng.vmap({name})`: argument '{names[i]}' is wrapped in "
+                    f"`eqx_rng.shared(...)`, so it is passed unmapped, but `in_axes` "
+                    f"maps it ({self._explicit_axis(i, names[i])!r}). Give it "
+                    f"in_axes None, or drop `eqx_rng.shared` to map it."
+                )
+            new_args.append(value)
+            exempt.extend(flags)
+        new_kwargs = {}
+        for kw_name, arg in kwargs.items():
+            new_kwargs[kw_name], flags, _ = unwrap_shared(arg)
+            exempt.extend(flags)
+        return tuple(new_args), new_kwargs, exempt
+
+    def _explicit_axis(self, i: int, arg_name: str) -> Any:
+        """The `in_axes` entry given for positional argument `i` by a tuple or dict."""
+        in_axes = self._in_axes
+        if isinstance(in_axes, tuple | list) and i < len(in_axes):
+            return in_axes[i]
+        if isinstance(in_axes, dict):
+            return in_axes.get(arg_name)
+        return None
+
     def _resolve(self, args: tuple, kwargs: dict) -> _Call:
         """Check the call's inputs and resolve every leaf's axis."""
         name = fn_name(self._fn)
@@ -123,9 +176,14 @@ class _VmapWrapper(eqx.Module):
         if key is not MISSING and key is not None:
             _check_key(key)
         names = positional_names(self._innermost_fn(), len(args))
+        args, kwargs, exempt = self._unwrap_shared(args, kwargs, names, name)
         specs = arg_specs(self._in_axes, self._axis_name is not None, args, names, name)
         leaves, treedef, axes, labels = flatten_inputs(args, kwargs, specs, names)
-        axis_size, axes = axis_size_from(leaves, axes, labels, self._axis_size)
+        axes = [None if ex else a for a, ex in zip(axes, exempt, strict=True)]
+        in_state = state_leaf_flags(args, len(leaves))
+        axis_size, axes = axis_size_from(
+            leaves, axes, labels, self._axis_size, in_state
+        )
         if axis_size is None:
             raise ValueError(
                 f"`eqx_rng.vmap({name})`: no argument is mapped, so the number of "
@@ -140,6 +198,7 @@ class _VmapWrapper(eqx.Module):
             axes=axes,
             labels=labels,
             axis_size=axis_size,
+            exempt=exempt,
             key=key,
             per_call_key=key is not MISSING and key is not None and derive_keys,
             check=derive_keys and not analysing(),
@@ -168,6 +227,7 @@ class _VmapWrapper(eqx.Module):
                     call_leaves,
                     call.axes,
                     call.labels,
+                    call.exempt,
                     call.treedef,
                     call_key,
                     call.axis_size,
@@ -175,6 +235,7 @@ class _VmapWrapper(eqx.Module):
                 )
             out = self._fn(*call_args, **call_kwargs)
             out_axes = out_leaf_axes(self._out_axes, out, call.state_out_unmapped)
+            check_out_axis_range(out, out_axes, name)
             check_unmapped_outputs(
                 out, out_axes, call.state_out_unmapped, name, self._axis_name
             )
@@ -322,6 +383,8 @@ def vmap(
         raise ValueError(
             f"`eqx_rng.vmap(axis_size=...)` must be >= 0, got {axis_size}."
         )
+    _check_axes_spec("in_axes", in_axes)
+    _check_axes_spec("out_axes", out_axes)
     if fn is None:
         return functools.partial(
             vmap,
