@@ -65,8 +65,7 @@ def shared(value: Any) -> Shared:
     A marker that only `eqx_rng.vmap` accepts. Anywhere else it is an error: NumPy
     conversion and attribute access (`.shape`) raise a `TypeError` /
     `AttributeError` saying to pass the value itself; JAX operations and
-    `jax.random` raise JAX's `TypeError`, which names the `Shared` type or shows
-    its repr, `eqx_rng.shared(...) (only an eqx_rng.vmap argument marker ...)`.
+    `jax.random` raise JAX's `TypeError`, which names the `Shared` type.
 
     !!! Example
 
