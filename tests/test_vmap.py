@@ -884,9 +884,9 @@ def test_shared_outside_eqx_rng_vmap_is_a_clear_error(getkey):
     with pytest.raises(TypeError, match=r"only marks an argument"):
         np.asarray(eqx_rng.shared(jnp.zeros(2)))
     with pytest.raises(TypeError, match=r"Shared"):
-        jnp.sin(eqx_rng.shared(jnp.zeros(2)))
+        jnp.sin(eqx_rng.shared(jnp.zeros(2)))  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match=r"Shared"):
-        jr.normal(marked, (2,))
+        jr.normal(marked, (2,))  # pyright: ignore[reportArgumentType]
     with pytest.raises(AttributeError, match=r"only marks an argument"):
         marked.shape  # noqa: B018
     assert "eqx_rng.shared(" in repr(marked)
