@@ -16,11 +16,11 @@ from ._keys import (
 )
 from ._typecheck import typecheck as typecheck, typecheck_enabled as typecheck_enabled
 
-# --- vectorisation (_vmap.py) ---
+# --- vectorisation (_vmap/) ---
 # isort: split
 from ._ensemble import ensemble as ensemble
 from ._errors import BroadcastKeyError as BroadcastKeyError
-from ._vmap import vmap as vmap
+from ._vmap import shared as shared, vmap as vmap
 
 # --- scale (_sharding.py) ---
 # isort: split
