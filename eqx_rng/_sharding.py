@@ -56,6 +56,16 @@ def _entry_axes(entry: Any) -> tuple[str, ...]:
 
 
 def _check_axes(spec: PartitionSpec, mesh: Mesh) -> None:
+    used = [name for entry in spec for name in _entry_axes(entry)]
+    repeated = sorted({name for name in used if used.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"`shard(spec={spec})` uses the mesh axis {repeated[0]!r} more than "
+            f"once; a mesh axis can split only one dimension, once. Name each mesh "
+            f'axis at most once in `spec`, e.g. `("chains", None)`, or build a mesh '
+            f"with one axis per dimension to split, e.g. "
+            f'`eqx_rng.chain_mesh((-1, 1), ("chains", "batch"))`.'
+        )
     for entry in spec:
         for name in _entry_axes(entry):
             if name not in mesh.axis_names:
@@ -136,7 +146,8 @@ def shard(
 
     **Raises:**
 
-    `ValueError` if `spec` names an axis that `mesh` does not have, or if a mesh axis
+    `ValueError` if `spec` names an axis that `mesh` does not have, or one axis
+    twice, or if a mesh axis
     does not divide the dimension it splits (the message names the leaf, the
     dimension's size and the mesh axis size); `TypeError` for a `spec` of another
     type, or for a traced leaf (inside `jit`).
@@ -209,7 +220,8 @@ def chain_mesh(
 
     **Raises:**
 
-    `ValueError` if `shape` and `axis_names` differ in length, or if the mesh size
+    `ValueError` if `shape` and `axis_names` differ in length, if an axis name is
+    repeated, or if the mesh size
     is not the number of devices.
 
     !!! Example
@@ -230,6 +242,13 @@ def chain_mesh(
                 f"axis, for example `shape=(-1, 1)`."
             )
         shape = (len(devices),)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"`chain_mesh(axis_names={names})` repeats the axis name "
+            f"{repeated[0]!r}; every axis needs its own name, e.g. "
+            f'`axis_names=("chains", "batch")`.'
+        )
     sizes = (shape,) if isinstance(shape, int) else tuple(shape)
     if len(sizes) != len(names):
         raise ValueError(
