@@ -15,6 +15,7 @@ from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
+from ._checkpoint._records import is_weak, make_weak
 from ._keys import _is_array
 from ._typecheck import typecheck
 
@@ -55,9 +56,13 @@ def _entry_axes(entry: Any) -> tuple[str, ...]:
     return tuple(entry)
 
 
+def _repeated(names: list) -> list:
+    """The names that occur more than once in `names`, sorted."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def _check_axes(spec: PartitionSpec, mesh: Mesh) -> None:
-    used = [name for entry in spec for name in _entry_axes(entry)]
-    repeated = sorted({name for name in used if used.count(name) > 1})
+    repeated = _repeated([name for entry in spec for name in _entry_axes(entry)])
     if repeated:
         raise ValueError(
             f"`shard(spec={spec})` uses the mesh axis {repeated[0]!r} more than "
@@ -183,8 +188,11 @@ def shard(
         if fully_addressable:
             return jax.device_put(x, sharding)
         if process_local:
-            return jax.make_array_from_process_local_data(sharding, x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+            out = jax.make_array_from_process_local_data(sharding, x)
+        else:
+            out = jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+        # Those two drop weak types, which `device_put` keeps (`jnp.asarray(0.5)`).
+        return make_weak(out) if is_weak(x) else out
 
     return jtu.tree_map_with_path(place, tree)
 
@@ -242,7 +250,7 @@ def chain_mesh(
                 f"axis, for example `shape=(-1, 1)`."
             )
         shape = (len(devices),)
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = _repeated(list(names))
     if repeated:
         raise ValueError(
             f"`chain_mesh(axis_names={names})` repeats the axis name "
