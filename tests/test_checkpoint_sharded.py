@@ -3,12 +3,9 @@ with 4 CPU devices each under `jax.distributed` (multi-host: each process writes
 its own shards; `load` gives `like`'s sharding)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
-from helpers import REPO, run_python
+from _multiprocess import run_processes
+from helpers import run_python
 
 # Shared by both scripts: a chain-batched state (typed keys, a weak scalar, a
 # replicated step), its global values computed the same way on every process.
@@ -37,7 +34,10 @@ def bits(x):
 def local_equal(got, want):
     # Every addressable shard of `got` equals the same box of the global `want`.
     g, w = bits(got), np.asarray(bits(want))
-    return all(np.array_equal(np.asarray(s.data), w[s.index]) for s in g.addressable_shards)
+    return all(
+        np.array_equal(np.asarray(s.data), w[s.index]) for s in g.addressable_shards)
+
+KEYS = ("w", "b", "keys", "lr", "step")
 
 def spec(x):
     # Key arrays built from key data carry an equivalent spec with trailing Nones.
@@ -46,7 +46,7 @@ def spec(x):
 def same_sharding(back, like):
     return all(
         back[k].sharding.is_equivalent_to(like[k].sharding, back[k].ndim)
-        for k in ("w", "b", "keys", "lr", "step"))
+        for k in KEYS)
 
 def like_with(mesh, tree, chains_spec):
     split = NamedSharding(mesh, chains_spec)
@@ -74,7 +74,7 @@ for name, chains_spec in [("same", P("chains")), ("other", P("batch", "chains"))
     report[name] = {
         "same_sharding": same_sharding(back, like),
         "specs": {k: spec(back[k]) for k in ("w", "b", "keys", "lr")},
-        "equal": all(local_equal(back[k], tree[k]) for k in ("w", "b", "keys", "lr", "step")),
+        "equal": all(local_equal(back[k], tree[k]) for k in KEYS),
         "weak": bool(back["lr"].aval.weak_type),
         "act": back["act"] is jax.nn.relu,
         "devices": len(back["w"].sharding.device_set),
@@ -141,7 +141,7 @@ for name, chains_spec in [("same", P("chains")), ("other", P("batch", "chains"))
     report[name] = {
         "same_sharding": same_sharding(back, like),
         "specs": {k: spec(back[k]) for k in ("w", "b", "keys", "lr")},
-        "equal": all(local_equal(back[k], tree[k]) for k in ("w", "b", "keys", "lr", "step")),
+        "equal": all(local_equal(back[k], tree[k]) for k in KEYS),
         "weak": bool(back["lr"].aval.weak_type),
         "addressable": back["w"].is_fully_addressable,
     }
@@ -156,49 +156,9 @@ print(json.dumps(report))
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_multi_host_save_and_load_two_processes(tmp_path):
     """2 processes x 4 CPU devices: each writes its own shards, no gather."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    address = f"127.0.0.1:{_free_port()}"
-    directory = tmp_path / "run"
-    procs, logs = [], []
-    for i in range(2):
-        out, err = tmp_path / f"out{i}", tmp_path / f"err{i}"
-        with out.open("w") as stdout, err.open("w") as stderr:
-            cmd = [
-                sys.executable,
-                "-c",
-                _TWO_PROCESSES,
-                address,
-                str(i),
-                str(directory),
-            ]
-            procs.append(
-                subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=REPO)
-            )
-        logs.append((out, err))
-    try:
-        for proc in procs:
-            proc.wait(timeout=240)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    reports = []
-    for proc, (out, err) in zip(procs, logs, strict=True):
-        stdout = out.read_text()
-        stderr = [line for line in err.read_text().splitlines() if "[Gloo]" not in line]
-        assert proc.returncode == 0, (
-            f"process failed (rc {proc.returncode}):\n{stdout}\n" + "\n".join(stderr)
-        )
-        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    reports = run_processes(_TWO_PROCESSES, tmp_path, str(tmp_path / "run"))
     for report in reports:
         assert report["fully_addressable"] is False
         assert report["steps"] == [2]  # pruning removed step 1 and its shards

@@ -13,8 +13,8 @@ from jaxtyping import PyTree
 from .._typecheck import typecheck
 from ._format import err, remove_stale_temporaries, tmp_pattern
 from ._io import load_file, save_file
-from ._records import LIBRARY_KEY
-from ._sharded import remove_checkpoint
+from ._records import LIBRARY_KEY, array_leaves
+from ._sharded import needs_multihost, remove_checkpoints
 
 _SUFFIX = ".ckpt"
 
@@ -210,18 +210,22 @@ class CheckpointManager:
         The path written.
         """
         step = _as_step(step)
-        found = _steps(self.directory, self.prefix)
+        # Several processes saving one multi-host checkpoint: process 0 removes.
+        multihost = needs_multihost(array_leaves(tree, "CheckpointManager.save"))
         if self._restored is not None:
             # Before the write: a crash in between must not leave the abandoned
             # run's checkpoints (above the restored step) as the latest.
-            for old_step, old_path in found:
-                if old_step > step or self._restored < old_step == step:
-                    remove_checkpoint(old_path)
+            abandoned = [
+                old_path
+                for old_step, old_path in _steps(self.directory, self.prefix)
+                if old_step > step or self._restored < old_step == step
+            ]
+            remove_checkpoints(abandoned, multihost, f"eqx_rng roll-back {step}")
         path = save_file(self.path(step), tree, metadata, {"step": step})
         if self.keep is not None:
-            for old_step, old_path in _steps(self.directory, self.prefix)[: -self.keep]:
-                if old_step != step:
-                    remove_checkpoint(old_path)
+            old = _steps(self.directory, self.prefix)[: -self.keep]
+            pruned = [old_path for old_step, old_path in old if old_step != step]
+            remove_checkpoints(pruned, multihost, f"eqx_rng prune {step}")
         return path
 
     def restore(self, like: PyTree, *, step: Any = None) -> PyTree:

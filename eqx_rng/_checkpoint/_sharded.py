@@ -69,6 +69,16 @@ def remove_checkpoint(path: Path) -> None:
     remove_shards(path)
 
 
+def remove_checkpoints(paths: list[Path], multihost: bool, name: str) -> None:
+    """Remove checkpoints (`remove_checkpoint`); under `multihost`, process 0 alone
+    removes them and every process waits until it has (barrier `name`)."""
+    if not multihost or jax.process_index() == 0:
+        for path in paths:
+            remove_checkpoint(path)
+    if multihost:
+        _barrier(name)
+
+
 def remove_shards(path: Path, keep_token: str | None = None) -> None:
     directory = shards_dir(path)
     if not directory.is_dir():
