@@ -151,28 +151,19 @@ def run(mb: float, rounds: int, directory: str | None = None, log=print) -> dict
     }
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         eqx_path, ours_path = Path(tmp) / "tree.eqx", Path(tmp) / "tree.ckpt"
+        ops = {
+            "eqx save": lambda: eqx_save(eqx_path, eqx_tree),
+            "eqx_rng save": lambda: eqx_rng.save(ours_path, tree),
+            "eqx load": lambda: eqx_load(eqx_path, eqx_tree),
+            "eqx_rng load": lambda: eqx_rng.load(ours_path, like),
+        }
         for r in range(rounds):
             # Alternate which library goes first, so neither always gets a warm
             # (or a cold) page cache.
             order = ("eqx", "eqx_rng") if r % 2 == 0 else ("eqx_rng", "eqx")
-            for lib in order:
-                if lib == "eqx":
-                    times["eqx save"].append(
-                        _timed(lambda: eqx_save(eqx_path, eqx_tree))
-                    )
-                else:
-                    times["eqx_rng save"].append(
-                        _timed(lambda: eqx_rng.save(ours_path, tree))
-                    )
-            for lib in order:
-                if lib == "eqx":
-                    times["eqx load"].append(
-                        _timed(lambda: eqx_load(eqx_path, eqx_tree))
-                    )
-                else:
-                    times["eqx_rng load"].append(
-                        _timed(lambda: eqx_rng.load(ours_path, like))
-                    )
+            for op in ("save", "load"):
+                for lib in order:
+                    times[f"{lib} {op}"].append(_timed(ops[f"{lib} {op}"]))
             log(
                 f"[checkpoint io] round {r + 1}/{rounds}: "
                 + ", ".join(
