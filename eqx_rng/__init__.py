@@ -8,6 +8,7 @@ from ._keys import (
     derive as derive,
     example_keys as example_keys,
     grid_keys as grid_keys,
+    id_halves as id_halves,
     split_like as split_like,
     string_hash as string_hash,
     tree_normal as tree_normal,
@@ -24,8 +25,9 @@ from ._vmap import vmap as vmap
 # isort: split
 from ._sharding import chain_mesh as chain_mesh, shard as shard
 
-# --- training (_train.py) ---
+# --- training (_train/, _scan.py, optim/) ---
 # isort: split
+from ._scan import scan as scan
 from ._train import TrainState as TrainState, make_train_step as make_train_step
 
 # --- checkpoints (_checkpoint.py) ---

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.random as jr
 
+from ._derive_reuse import derive_scope
 from ._typecheck import typecheck, typecheck_enabled
 from ._util import dist_version
 
@@ -70,6 +71,16 @@ def key_reuse() -> Iterator[None]:
     - `jax_legacy_prng_key` is `"error"`: a legacy `uint32[2]` key passed to a
         `jax.random` function raises `ValueError`, and so does `jax.random.PRNGKey`
         itself, because the checker cannot see reuse of legacy keys.
+    - Reuse by derivation is caught: `eqx_rng.derive` returns the same key object
+        for the same parent key and path item (by value for concrete keys and
+        items, by identity within a trace), so two draws from keys derived by one
+        path (`derive(k, "dropout1")` handed to two layers, one step key used for
+        two steps) are two draws from one key. Deriving a path twice and drawing
+        once is fine; distinct paths are fine. A `KeyReuseError` that leaves the
+        block is re-raised as a subclass whose message lists the paths derived
+        more than once (newest first). A `scan` body that draws from
+        `derive(k, "noise")` with a closed-over `k` (the same key at every step)
+        raises too; fold in the step index instead.
 
     Both settings are restored on exit, also when the block raises. Blocks nest. The
     settings are thread-local, as JAX's own context managers are. The checker makes
@@ -81,8 +92,8 @@ def key_reuse() -> Iterator[None]:
 
     **Raises:**
 
-    Inside the block: `jax.errors.KeyReuseError` on reuse of a typed key;
-    `ValueError` for a legacy key.
+    Inside the block: `jax.errors.KeyReuseError` on reuse of a typed key (also by
+    derivation); `ValueError` for a legacy key.
 
     !!! Example
 
@@ -96,12 +107,26 @@ def key_reuse() -> Iterator[None]:
             except jax.errors.KeyReuseError:
                 caught = True
             assert caught
+
+        def two_layers(x, key):
+            drop = eqx_rng.derive(key, "dropout1")
+            again = eqx_rng.derive(key, "dropout1")  # copy-pasted path
+            return jr.bernoulli(drop, 0.5, x.shape) * jr.bernoulli(again, 0.5, x.shape)
+
+        caught = False
+        try:
+            with eqx_rng.debug.key_reuse():
+                jax.jit(two_layers)(jnp.ones(3), jr.key(0))
+        except jax.errors.KeyReuseError as e:
+            caught = "'dropout1'" in str(e)
+        assert caught
         ```
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(jax.debug_key_reuse(True))
         stack.enter_context(jax.legacy_prng_key("error"))
         stack.enter_context(_guard_prng_key())
+        stack.enter_context(derive_scope())
         yield
 
 
