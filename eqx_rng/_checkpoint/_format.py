@@ -11,17 +11,19 @@ offset 0   8 bytes   magic b"EQXRNGCK"
       56   H bytes   header: UTF-8 JSON (leaves, metadata, library entries)
   56 + H   P bytes   payload: each array leaf's raw bytes, C order, little-endian,
                      each starting at a multiple of 64 (zero padding between)
-56 + H + P 32 bytes  sha256 of the payload
+56 + H + P 32 bytes  checksum of the payload
 ```
 
-Version 2 has the same layout; its header may also describe a multi-host
-checkpoint (an index whose arrays live in one file per process, see
-`_multihost.py`), which a version-1 reader must refuse rather than misread. Both
-versions are read.
+Version 1 checksums the payload with sha256. Version 2 has the same layout; its
+header names the payload checksum (`"payload_checksum": "crc32"`: the CRC-32,
+little-endian, in the first 4 of the 32 bytes, the rest zero) and may describe a
+multi-host checkpoint (an index whose arrays live in one file per process, see
+`_sharded.py`), which a version-1 reader must refuse rather than misread. Both
+versions are read. The header is always checked with sha256.
 
 This module knows nothing of JAX: it writes and reads bytes, checksums and
-temporary files. The sha256 of the payload is computed in a worker thread while the
-main thread writes (or reads) the next chunk, so hashing and I/O overlap.
+temporary files. On save, the payload's checksum is computed in a thread while the
+main thread writes the same bytes, so checksumming and writing overlap.
 """
 
 import hashlib
@@ -31,9 +33,10 @@ import re
 import secrets
 import socket
 import struct
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +53,16 @@ CHUNK = 1 << 22  # bytes hashed, written or read at a time
 TMP_SUFFIX = ".tmp"
 FOREIGN_TMP_AGE = 24 * 3600  # seconds: age of another host's temporary deemed stale
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
-_THREADED_MIN = 1 << 20  # payloads smaller than this are hashed inline
+CHECKSUMS = ("crc32", "sha256")
+PAYLOAD_CHECKSUM = "crc32"  # what version 2 writes; version 1 files have sha256
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded: corrupted, or not matching `like`.
 
     Raised by `eqx_rng.load`, `eqx_rng.load_metadata` and
-    `CheckpointManager.restore` for a truncated file, a flipped byte (the sha256
-    checksums of the header and of the payload are checked), a file that is not an
+    `CheckpointManager.restore` for a truncated file, a flipped byte (the checksums
+    of the header, sha256, and of the payload, CRC-32, are checked), a file that is not an
     eqx_rng checkpoint, or one whose leaves do not match `like` (structure, shape,
     dtype, PRNG key implementation), and by `CheckpointManager.restore(step=...)`
     for a file whose recorded step is not the one asked for. The message names the
@@ -100,45 +104,50 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 # Hashing beside I/O.
 
 
-class _Hasher:
-    """A sha256 fed in order from a worker thread, at most one chunk behind.
+class _Checksum:
+    """The payload checksum, `kind` `"crc32"` (format version 2) or `"sha256"`
+    (version 1), fed in order; `zlib` and `hashlib` release the GIL on large
+    buffers, so it may run in a thread beside the I/O."""
 
-    `update(chunk)` waits for the previous chunk's hash, then hands `chunk` to the
-    worker and returns at once, so the caller writes or reads the next chunk while
-    this one is hashed (`hashlib` releases the GIL on large buffers). The caller
-    must not modify `chunk` until the next `update` or `digest` returns.
-    """
-
-    def __init__(self, threaded: bool):
-        self._sha = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1) if threaded else None
-        self._pending: Future | None = None
+    def __init__(self, kind: str):
+        self._sha = hashlib.sha256() if kind == "sha256" else None
+        self._crc = 0
 
     def update(self, chunk: Any) -> None:
-        if self._pool is None:
+        if self._sha is not None:
             self._sha.update(chunk)
-            return
-        self._wait()
-        self._pending = self._pool.submit(self._sha.update, chunk)
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+        else:
+            self._crc = zlib.crc32(chunk, self._crc)
 
     def digest(self) -> bytes:
-        self._wait()
-        return self._sha.digest()
+        """`DIGEST_SIZE` bytes: the sha256, or the CRC-32 (little-endian) padded
+        with zeros."""
+        if self._sha is not None:
+            return self._sha.digest()
+        return self._crc.to_bytes(4, "little") + bytes(DIGEST_SIZE - 4)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "_Hasher":
-        return self
+class _Background:
+    """`fn()` run in a thread from creation; `result()` joins and returns (or
+    raises) what it did."""
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __init__(self, fn: Callable[[], Any]):
+        self._out: list = []
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._out.append((True, fn()))
+        except BaseException as e:  # handed to the caller by `result`
+            self._out.append((False, e))
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
 
 
 def _chunks(buffer: memoryview) -> Iterator[memoryview]:
@@ -249,6 +258,7 @@ def write_file(
     `arrays` gives `(offset, contiguous array)` in increasing offset order; the gaps
     (and the tail up to `payload_nbytes`) are zero padding.
     """
+    header = {**header, "payload_checksum": PAYLOAD_CHECKSUM}
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     prefix = PREFIX.pack(
         MAGIC,
@@ -257,32 +267,35 @@ def write_file(
         len(header_bytes),
         hashlib.sha256(header_bytes).digest(),
     )
+    pieces: list[Any] = []  # the payload, in order: padding and array bytes
+    written = 0
+    for offset, data in arrays:
+        if offset > written:
+            pieces.append(bytes(offset - written))
+        pieces.append(data.reshape(-1).view(np.uint8).data)
+        written = offset + data.nbytes
+    if payload_nbytes > written:
+        pieces.append(bytes(payload_nbytes - written))
+
+    def checksum() -> bytes:
+        digest = _Checksum(PAYLOAD_CHECKSUM)
+        for piece in pieces:
+            digest.update(piece)
+        return digest.digest()
+
     directory = path.parent
     tmp = tmp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666)
     try:
-        with (
-            os.fdopen(fd, "wb") as f,
-            _Hasher(payload_nbytes >= _THREADED_MIN) as hasher,
-        ):
+        # The checksum runs in a thread while this one writes the same bytes.
+        background = _Background(checksum)
+        with os.fdopen(fd, "wb") as f:
             f.write(prefix)
             f.write(header_bytes)
-            written = 0
-            for offset, data in arrays:
-                if offset > written:
-                    pad = bytes(offset - written)
-                    hasher.update(pad)
-                    f.write(pad)
-                raw = data.reshape(-1).view(np.uint8).data
-                for chunk in _chunks(raw):
-                    hasher.update(chunk)
+            for piece in pieces:
+                for chunk in _chunks(memoryview(piece)):
                     f.write(chunk)
-                written = offset + data.nbytes
-            if payload_nbytes > written:
-                pad = bytes(payload_nbytes - written)
-                hasher.update(pad)
-                f.write(pad)
-            f.write(hasher.digest())
+            f.write(background.result())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -363,59 +376,67 @@ def read_header(f: Any, path: Path, size: int) -> tuple[int, dict[str, Any]]:
     return version, header
 
 
-def check_payload(path: Path, complete: bool, digest: bytes, stored: bytes) -> None:
+def check_payload(
+    path: Path, complete: bool, digest: bytes, stored: bytes, kind: str
+) -> None:
     if not complete:
         raise err(path, "is truncated (it changed while being read?).")
     if digest != stored:
         raise err(
             path,
-            "is corrupted: the sha256 checksum of its payload does not match (a "
+            f"is corrupted: the {kind} checksum of its payload does not match (a "
             "flipped or overwritten byte).",
         )
 
 
+def payload_checksum(path: Path, header: dict[str, Any]) -> str:
+    """The payload checksum a file's header names (version 1: always sha256)."""
+    kind = header.get("payload_checksum", "sha256")
+    if kind not in CHECKSUMS:
+        raise err(path, f"has a payload checksum {kind!r} this eqx_rng cannot check.")
+    return kind
+
+
 def read_payload(
-    f: Any, path: Path, payload_nbytes: int, spans: Iterable[tuple[int, int]]
+    f: Any, path: Path, header: dict[str, Any], spans: Iterable[tuple[int, int]]
 ) -> list[np.ndarray]:
-    """Read the payload (`f` is just past the header) and verify its checksum.
+    """Read the payload (`f` is just past `header`) and verify its checksum.
 
     `spans` are `(offset, nbytes)` of the leaves, in increasing offset order; each
     is read into its own 64-byte-aligned `uint8` buffer (returned in order). The
     bytes between them are streamed through the checksum in chunks, never held
-    whole, so `read_payload(f, path, n, [])` verifies a file in constant memory.
+    whole, so `read_payload(f, path, header, [])` verifies a file in little memory.
     """
+    payload_nbytes = header["payload_nbytes"]
+    kind = payload_checksum(path, header)
+    digest = _Checksum(kind)
     out = []
-    scratch = [aligned_empty(min(CHUNK, payload_nbytes)) for _ in range(2)]
-    flip = 0
     complete = True
-    with _Hasher(payload_nbytes >= _THREADED_MIN) as hasher:
+    scratch = aligned_empty(min(CHUNK, payload_nbytes))
 
-        def read_into(buffer: memoryview) -> None:
-            nonlocal complete
-            for chunk in _chunks(buffer):
-                if f.readinto(chunk) != len(chunk):
-                    complete = False
-                    return
-                hasher.update(chunk)
+    def read_into(buffer: memoryview) -> None:
+        nonlocal complete
+        for chunk in _chunks(buffer):
+            if f.readinto(chunk) != len(chunk):
+                complete = False
+                return
+            digest.update(chunk)
 
-        def skip(nbytes: int) -> None:
-            nonlocal flip
-            while nbytes > 0 and complete:
-                n = min(nbytes, CHUNK)
-                read_into(scratch[flip].data[:n])
-                flip ^= 1  # the worker may still hash the other buffer
-                nbytes -= n
+    def skip(nbytes: int) -> None:
+        while nbytes > 0 and complete:
+            n = min(nbytes, CHUNK)
+            read_into(scratch.data[:n])
+            nbytes -= n
 
-        position = 0
-        for offset, nbytes in spans:
-            skip(offset - position)
-            buffer = aligned_empty(nbytes)
-            read_into(buffer.data)
-            out.append(buffer)
-            position = offset + nbytes
-        skip(payload_nbytes - position)
-        digest = hasher.digest()
+    position = 0
+    for offset, nbytes in spans:
+        skip(offset - position)
+        buffer = aligned_empty(nbytes)
+        read_into(buffer.data)
+        out.append(buffer)
+        position = offset + nbytes
+    skip(payload_nbytes - position)
     stored = f.read(DIGEST_SIZE)
     complete = complete and len(stored) == DIGEST_SIZE
-    check_payload(path, complete, digest, stored)
+    check_payload(path, complete, digest.digest(), stored, kind)
     return out

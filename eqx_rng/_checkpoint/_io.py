@@ -121,8 +121,8 @@ def save(
 
     Every array leaf (JAX or NumPy; typed PRNG keys included) is stored with its key
     path, dtype and shape; other leaves are not stored (`load` takes them from its
-    `like` tree). The file carries sha256 checksums of its header and payload
-    (computed beside the write, not after it). The write is atomic: a temporary file
+    `like` tree). The file carries checksums of its header (sha256) and payload
+    (CRC-32, computed in a thread beside the write). The write is atomic: a temporary file
     in the same directory, named after this host and process, is written, flushed
     and `fsync`ed, then renamed over `path` (`os.replace`) and the directory
     `fsync`ed, so a crash leaves either the previous file or the new one at `path`.
@@ -213,7 +213,7 @@ def load_file(path: Path, like: Any) -> tuple[Any, dict[str, Any]]:
             reader = read_index(f, path, header, records)
         else:
             spans = [(r["offset"], r["nbytes"]) for r in records]
-            buffers = read_payload(f, path, header["payload_nbytes"], spans)
+            buffers = read_payload(f, path, header, spans)
             reader = block_reader(records, buffers)
 
     flat, treedef = jtu.tree_flatten(like)
@@ -285,7 +285,7 @@ def load(path: str | os.PathLike, like: PyTree) -> PyTree:
 def load_metadata(path: str | os.PathLike) -> dict:
     """The metadata stored in a checkpoint, with the library's entries.
 
-    Checks the whole file as `load` does (its size and the sha256 checksums of the
+    Checks the whole file as `load` does (its size and the checksums of the
     header and of the payload), so a corrupted file is never reported as readable;
     the arrays are streamed through the checksum in chunks, never held in memory.
 
@@ -320,7 +320,7 @@ def load_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     with open_file(path) as f:
         _, header = read_header(f, path, os.fstat(f.fileno()).st_size)
-        read_payload(f, path, header["payload_nbytes"], [])
+        read_payload(f, path, header, [])
     metadata = dict(header["metadata"])
     metadata[LIBRARY_KEY] = header.get(LIBRARY_KEY, {})
     return metadata

@@ -9,6 +9,7 @@ numbers, static fields) comes from the `like` tree given to `load`.
 """
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Sequence
 from functools import partial
@@ -132,18 +133,23 @@ def to_host(leaf: Any) -> tuple[np.ndarray, str | None]:
     return np.asarray(leaf), None
 
 
-def library_entries(extra: dict[str, Any] | None) -> dict[str, Any]:
-    entries: dict[str, Any] = {
-        "format_version": FORMAT_VERSION,
+@functools.cache
+def _versions() -> dict[str, Any]:
+    # Looked up once per process (each lookup parses package metadata).
+    return {
         "eqx_rng_version": dist_version("eqx_rng"),
         "jax_version": jax.__version__,
         "jaxlib_version": dist_version("jaxlib"),
         "equinox_version": dist_version("equinox"),
         "numpy_version": np.__version__,
-        "saved_at": dt.datetime.now(dt.UTC).isoformat(),
     }
+
+
+def library_entries(extra: dict[str, Any] | None) -> dict[str, Any]:
     from .. import debug
 
+    entries: dict[str, Any] = {"format_version": FORMAT_VERSION, **_versions()}
+    entries["saved_at"] = dt.datetime.now(dt.UTC).isoformat()
     entries["doctor"] = debug.doctor()
     entries.update(extra or {})
     return entries

@@ -350,5 +350,5 @@ def read_index(f: Any, path: Path, header: dict, records: list) -> Reader:
     """`block_reader` of an index file (`f` just past its header)."""
     local = [r for r in records if not r.get("sharded", False)]
     spans = [(r["offset"], r["nbytes"]) for r in local]
-    buffers = read_payload(f, path, header["payload_nbytes"], spans)
+    buffers = read_payload(f, path, header, spans)
     return block_reader(local, buffers, _Pieces(path, header["shards"]))
