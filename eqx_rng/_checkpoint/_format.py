@@ -62,10 +62,11 @@ class CheckpointError(ValueError):
 
     Raised by `eqx_rng.load`, `eqx_rng.load_metadata` and
     `CheckpointManager.restore` for a truncated file, a flipped byte (the checksums
-    of the header, sha256, and of the payload, CRC-32, are checked), a file that is not an
-    eqx_rng checkpoint, or one whose leaves do not match `like` (structure, shape,
-    dtype, PRNG key implementation), and by `CheckpointManager.restore(step=...)`
-    for a file whose recorded step is not the one asked for. The message names the
+    of the header, sha256, and of the payload, CRC-32, are checked), a file that is
+    not an eqx_rng checkpoint, or one whose leaves do not match `like` (structure,
+    shape, dtype, PRNG key implementation), and by
+    `CheckpointManager.restore(step=...)` for a file whose recorded step is not the
+    one asked for. The message names the
     file and the mismatch. A missing file is a `FileNotFoundError` instead. A
     subclass of `ValueError`.
 

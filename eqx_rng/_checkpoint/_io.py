@@ -122,10 +122,11 @@ def save(
     Every array leaf (JAX or NumPy; typed PRNG keys included) is stored with its key
     path, dtype and shape; other leaves are not stored (`load` takes them from its
     `like` tree). The file carries checksums of its header (sha256) and payload
-    (CRC-32, computed in a thread beside the write). The write is atomic: a temporary file
-    in the same directory, named after this host and process, is written, flushed
-    and `fsync`ed, then renamed over `path` (`os.replace`) and the directory
-    `fsync`ed, so a crash leaves either the previous file or the new one at `path`.
+    (CRC-32, computed in a thread beside the write). The write is atomic: a
+    temporary file in the same directory, named after this host and process, is
+    written, flushed and `fsync`ed, then renamed over `path` (`os.replace`) and the
+    directory `fsync`ed, so a crash leaves either the previous file or the new one
+    at `path`.
     Temporaries of `path` left by killed saves (their process is gone) are removed.
 
     Multi-host: when some array is spread over several processes (not fully
