@@ -29,6 +29,10 @@ from ._sharding import chain_mesh as chain_mesh, shard as shard
 from ._scan import scan as scan
 from ._train import TrainState as TrainState, make_train_step as make_train_step
 
+# --- performance (_jit.py) ---
+# isort: split
+from ._jit import jit as jit
+
 # --- checkpoints (_checkpoint.py) ---
 # isort: split
 from ._checkpoint import (
