@@ -34,6 +34,10 @@ from ._train import TrainState as TrainState, make_train_step as make_train_step
 # isort: split
 from . import optim as optim
 
+# --- performance (_jit.py) ---
+# isort: split
+from ._jit import jit as jit
+
 # --- checkpoints (_checkpoint.py) ---
 # isort: split
 from ._checkpoint import (
