@@ -473,8 +473,9 @@ def test_fast_path_is_reused():
     step = eqx_rng.make_train_step(_mse, opt)
     for t in range(4):
         ts, _ = step(ts, _batch(t))
-    assert len(step._entries) == 1
-    assert step._entries[0].fn._cache_size() == 1  # type: ignore[attr-defined]
+    entries = step._dispatch.entries  # type: ignore[attr-defined]
+    assert len(entries) == 1
+    assert entries[0].fn._cache_size() == 1
     # The returned state is recognised, and forgotten once it is gone.
     assert step._last_out is not None and step._last_out[0]() is ts
     del ts
