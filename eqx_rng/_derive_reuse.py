@@ -12,8 +12,10 @@ JAX's checker refuses (eagerly, under `jit`, and across `scan` iterations).
   concretely (`jax.ensure_compile_time_eval`), even inside a trace: a derivation made
   eagerly and one made inside `jit` share one key (a constant of the jitted program),
   and a `scan` body that draws from it draws from one key at every step.
-- A traced parent or path item is memoised by object identity within the trace
-  (weakly: an entry goes when its parent tracer does).
+- A traced parent or path item is memoised by object identity within the current
+  trace (weakly: an entry goes when its parent tracer does). A key derived inside a
+  `cond` branch or `scan` body from a key of an outer trace belongs to the inner
+  trace and is never handed back to the outer one.
 
 Outside the block `derive` only reads one thread-local attribute more.
 """
@@ -29,6 +31,7 @@ import jax
 import jax.random as jr
 import numpy as np
 from jax.core import Tracer
+from jax.extend.core import get_opaque_trace_state
 
 _U32 = 2**32
 _MAX_LISTED = 5
@@ -69,7 +72,10 @@ def _item_repr(item: Any) -> str:
 @dataclasses.dataclass
 class _TracedEntry:
     parent_ref: Any
-    children: dict[Any, tuple[Any, Any]]  # item id -> (derived, item kept alive)
+    # item id -> [(trace state, derived, item kept alive)]: one per trace, since a
+    # key closed over by a `cond` branch or a `scan` body is derived in that inner
+    # trace, and its result must not be handed back to the outer one.
+    children: dict[Any, list[tuple[Any, Any, Any]]]
 
 
 @dataclasses.dataclass
@@ -131,12 +137,14 @@ class DeriveScope:
             item_id: Any = ("traced", id(item))
         else:
             item_id = ("u32", int(item_u32) % _U32)
-        hit = entry.children.get(item_id)
-        if hit is not None:
-            self._repeat(name)
-            return hit[0]
+        trace = get_opaque_trace_state()
+        derivations = entry.children.setdefault(item_id, [])
+        for other_trace, derived, _ in derivations:
+            if other_trace == trace:
+                self._repeat(name)
+                return derived
         derived = jr.fold_in(key, item_u32)
-        entry.children[item_id] = (derived, item)
+        derivations.append((trace, derived, item))
         self._remember(derived, name)
         return derived
 

@@ -156,8 +156,12 @@ def _path_item_to_u32(item: Any, position: int) -> Any:
                 f"{describe(item)}. For many indices use `grid_keys` or "
                 "`example_keys`."
             )
-        if isinstance(item, Tracer):
-            # A traced value cannot be checked: it is converted modulo 2**32.
+        if isinstance(item, jax.Array) and (
+            isinstance(item, Tracer) or item.dtype.itemsize <= 4
+        ):
+            # A traced value cannot be checked: it is converted modulo 2**32. A
+            # concrete JAX array of 32 bits or fewer is always in range, and is
+            # converted on device (no host sync).
             return item.astype(jnp.uint32)
         what = f"`derive` path item {position}"
         return np.uint32(_check_u32(int(item), what, _PATH_FIX))
@@ -317,8 +321,11 @@ def grid_keys(key: Key, shape: Any, *, start: Any = None) -> KeyGrid:
 
     **Raises:**
 
-    `ValueError` for a negative or non-integer shape, or a `start` whose length is
-    not the number of dimensions.
+    `ValueError` for a negative or non-integer shape, a `start` whose length is
+    not the number of dimensions, or a concrete `start` (int, NumPy or JAX scalar)
+    that is negative or whose last index `start[d] + shape[d] - 1` reaches `2**32`
+    (it would silently wrap). A traced `start` cannot be checked: its indices wrap
+    modulo `2**32`.
 
     !!! Example
 

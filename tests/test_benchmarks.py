@@ -54,6 +54,14 @@ def test_quick(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "## Step time" in text and "## Targets" in text
     assert "## chains x batch forward" in text
+    io = results["checkpoint_io"]
+    assert io["rounds"] == 2 and abs(io["mb"] - 8.0) < 0.1
+    for rates in io["rates"].values():
+        assert len(rates["times_s"]) == 2 and rates["median_mb_s"] > 0
+    assert set(io["ratio"]) == {"save", "load"}
+    assert io["peak_load"]["eqx_rng"]["added"] >= 0
+    assert [t["met"] in (True, False) for t in io["targets"]] == [True] * 3
+    assert "## Checkpoint I/O" in text
 
 
 def test_gpu_quick_runs_on_cpu(tmp_path):

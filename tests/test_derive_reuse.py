@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import optax
 import pytest
 from jax import lax
 
@@ -39,6 +40,17 @@ def _scanned(layer):
     return run
 
 
+def _while(layer):
+    def run(x, key):
+        def body(carry):
+            t, h = carry
+            return t + 1, layer(h, derive(key, t))
+
+        return lax.while_loop(lambda c: c[0] < 3, body, (0, x))[1]
+
+    return run
+
+
 def _vmapped(layer):
     return lambda xs, key: jax.vmap(layer)(xs, jr.split(key, xs.shape[0]))
 
@@ -50,6 +62,7 @@ _TRANSFORMS = {
     "jit_vmap": lambda f: jax.jit(_vmapped(f)),
     "scan": _scanned,
     "jit_scan": lambda f: jax.jit(_scanned(f)),
+    "while_loop": _while,
     "eqx_rng_vmap": lambda f: (
         lambda xs, key: eqx_rng.vmap(lambda x, *, key: f(x, key))(xs, key=key)
     ),
@@ -133,9 +146,19 @@ def test_one_mask_drawn_once_and_multiplied_at_every_step_is_fine():
 
         return lax.scan(body, x, None, length=5)[0]
 
+    def locked_dropout(x, key):
+        mask = eqx_rng.nn.Dropout(0.5).mask(x.shape, key=derive(key, "mask"))
+
+        def body(h, _):
+            return h * mask, None
+
+        return lax.scan(body, x, None, length=5)[0]
+
     with key_reuse():
         run(jnp.ones(3), jr.key(0))
         jax.jit(run)(jnp.ones(3), jr.key(1))
+        locked_dropout(jnp.ones(3), jr.key(2))
+        jax.jit(locked_dropout)(jnp.ones(3), jr.key(3))
 
 
 def test_tree_normal_twice_with_one_key_is_reuse():
@@ -172,3 +195,52 @@ def test_derive_reuse_error_is_a_key_reuse_error_with_a_readable_message():
     assert message.startswith("Key reuse inside `eqx_rng.debug.key_reuse()`")
     assert "Previously-consumed key" in message  # JAX's own diagnosis is kept
     assert "DerivedKeyReuseError" not in message  # no link to a missing page
+
+
+class _Net(eqx.Module):
+    layer: eqx.nn.Linear
+    drop: eqx_rng.nn.Dropout
+    second_path: str = eqx.field(static=True)
+
+    def __call__(self, x, *, key):
+        h = self.drop(self.layer(x), key=derive(key, "dropout1"))
+        return self.drop(h, key=derive(key, self.second_path))
+
+
+def _train_two_steps(second_path):
+    def loss_fn(model, state, batch, *, key):
+        out = eqx_rng.vmap(lambda x, *, key: model(x, key=key))(batch, key=key)
+        return jnp.mean(out**2), (state, {})
+
+    model = _Net(
+        eqx.nn.Linear(3, 3, key=jr.key(1)), eqx_rng.nn.Dropout(0.2), second_path
+    )
+    opt = optax.sgd(0.1)
+    ts = eqx_rng.TrainState.create(model, opt, key=jr.key(2))
+    step = eqx_rng.make_train_step(loss_fn, opt)
+    for _ in range(2):
+        ts, _ = step(ts, jnp.ones((4, 3)))
+
+
+def test_a_model_trained_with_make_train_step():
+    with key_reuse():
+        _train_two_steps("dropout2")  # distinct paths: no false alarm
+    with pytest.raises(jax.errors.KeyReuseError, match="'dropout1'\\): derived 2"):
+        with key_reuse():
+            _train_two_steps("dropout1")  # the copy-paste bug, caught in training
+
+
+def test_keys_derived_in_a_branch_or_checkpoint_stay_in_that_trace():
+    # The same path derived from a closed-over traced key inside `cond` or
+    # `checkpoint` and again outside: each trace gets its own key (no tracer leaks
+    # out of the inner trace), and one draw per trace is fine.
+    @jax.jit
+    def f(x, key):
+        noisy = lambda: x * jr.normal(derive(key, "d"), x.shape)  # noqa: E731
+        y = lax.cond(x[0] > 0, noisy, lambda: x)
+        y = jax.checkpoint(lambda x: x * jr.normal(derive(key, "d"), x.shape))(y)
+        return y, derive(key, "d")
+
+    with key_reuse():
+        y, k = f(jnp.ones(3), jr.key(0))
+    assert y.shape == (3,) and k.shape == ()

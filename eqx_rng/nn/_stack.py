@@ -2,7 +2,7 @@
 applied with `lax.scan` (one trace and one compile of the layer, however deep)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import equinox as eqx
 import jax
@@ -154,6 +154,16 @@ class LayerStack(eqx.nn.StatefulLayer):
                 f"a layer returned {got}. Keep shape-changing layers outside the "
                 f"stack (for example in an `eqx.nn.Sequential` around it)."
             )
+
+    @overload
+    def __call__(
+        self, x: Array, state: None = None, *, key: Key | None = None
+    ) -> Array: ...
+
+    @overload
+    def __call__(
+        self, x: Array, state: eqx.nn.State, *, key: Key | None = None
+    ) -> tuple[Array, eqx.nn.State]: ...
 
     @typecheck
     def __call__(
