@@ -20,7 +20,7 @@ MIN_PINS = $(shell $(PYTHON) -c 'import tomllib; print(" ".join(d.replace(">=", 
 # A fast subset (a couple of minutes) touching every module of the package.
 MIN_TESTS := tests/test_keys.py tests/test_contract.py tests/test_typecheck.py \
 	tests/test_debug.py tests/test_checkpoint.py tests/test_batch_norm.py \
-	tests/test_ensemble.py tests/test_train.py tests/test_sharding.py
+	tests/test_ensemble.py tests/test_train.py tests/test_vmap.py tests/test_scan.py
 
 .PHONY: run test lint typecheck pytest docs test-min bench clean
 
