@@ -38,6 +38,7 @@ from benchmarks import (  # noqa: E402
     _flax_nnx,
     _forward,
     _harness,
+    _perf,
     _plain_eqx,
     _raw_jax,
     _report,
@@ -386,6 +387,16 @@ def main(argv: list[str] | None = None) -> int:
         "--no-typecheck", action="store_true", help="skip the on/off child"
     )
     parser.add_argument(
+        "--no-perf",
+        action="store_true",
+        help="skip the forward-dispatch and CNN-chains workloads",
+    )
+    parser.add_argument(
+        "--cnn-batch-size",
+        action="store_true",
+        help="also time lax.map(..., batch_size=chains // 4) in the CNN workload",
+    )
+    parser.add_argument(
         "--report", default=None, help="print the tables of a results.json and exit"
     )
     parser.add_argument("--child-typecheck", default=None, help=argparse.SUPPRESS)
@@ -394,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(Path(args.report).read_text())
         if results.get("sizes"):
             results["targets"] = _report.targets(results)
-        print(_report.markdown(results) + f"\nWall time: {results['wall_s']:.0f} s.")
+        text = _report.markdown(results) + "\n" + _perf.markdown(results)
+        print(text + f"\nWall time: {results['wall_s']:.0f} s.")
         return 0
 
     if args.quick and "xla_backend_optimization_level" not in os.environ.get(
@@ -463,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                 "chains x batch forward: logits against raw JAX with pre-split keys, max |Δ| = "
                 f"{results['forward']['max_abs_diff']:.1e}"
             )
+        if not args.no_perf:
+            results["dispatch"] = _perf.dispatch_suite(suite, log)
+            results["cnn"] = _perf.cnn_suite(suite, log, batch_size=args.cnn_batch_size)
+            results["checks"] += _perf.targets(results)
         wanted = {suite.roles[r] for r in suite.typecheck_roles}
         if not args.no_typecheck and wanted & {s.name for s in suite.sizes}:
             results["typecheck"] = typecheck_compare(suite, args, results["sizes"])
@@ -472,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
             results["profile"] = profile(tiny, out_dir, 200 if args.quick else 2000)
             results["checks"] += results["profile"]
     results["wall_s"] = time.perf_counter() - start
-    text = _report.markdown(results) + f"\nWall time: {results['wall_s']:.0f} s.\n"
+    text = _report.markdown(results) + "\n" + _perf.markdown(results)
+    text += f"\nWall time: {results['wall_s']:.0f} s.\n"
     print(text)
     if out_dir is not None:
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
