@@ -1,20 +1,33 @@
 # Two commands do all the set-up on a machine with only Python >= 3.11:
 #   make run    the main job (the digits experiment with its default config)
-#   make test   the whole suite: ruff, pyright, pytest
+#   make test   the whole suite: ruff, pyright, pytest, the docs build, and a smoke
+#               subset at the dependency floors
 # Both build .venv on first use and reuse it afterwards (it is rebuilt only when
 # pyproject.toml changes).
+#   make docs      builds the documentation site into site/ (mkdocs build --strict)
+#   make test-min  builds .venv-min with exactly the floor versions of pyproject.toml
+#                  and runs the smoke subset there
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench clean
+MIN_VENV := .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
+# The floors, read from pyproject.toml: every `name>=x` dependency becomes `name==x`.
+MIN_PINS = $(shell $(PYTHON) -c 'import tomllib; print(" ".join(d.replace(">=", "==") for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+# A fast subset (a couple of minutes) touching every module of the package.
+MIN_TESTS := tests/test_keys.py tests/test_contract.py tests/test_typecheck.py \
+	tests/test_debug.py tests/test_checkpoint.py tests/test_batch_norm.py \
+	tests/test_ensemble.py tests/test_train.py tests/test_sharding.py
+
+.PHONY: run test lint typecheck pytest docs test-min bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,experiments]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,experiments,docs]"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -30,10 +43,24 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+$(MIN_STAMP): pyproject.toml
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install --quiet $(MIN_PINS) "pytest>=8.0"
+	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -m pytest -q -m "not slow" $(MIN_TESTS) $(PYTEST_ARGS)
+
+test: lint typecheck pytest docs test-min
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(MIN_VENV) site

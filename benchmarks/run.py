@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
 import jax  # noqa: E402
 
 from benchmarks import (  # noqa: E402
+    _checkpoint_io,
     _eqx_rng,
     _flax_nnx,
     _forward,
@@ -373,6 +374,12 @@ def gpu_suite(args, suite: _suites.Suite) -> dict:
     }
 
 
+def _checkpoint_io_text(results: dict) -> str:
+    if "checkpoint_io" not in results:
+        return ""
+    return "\n" + _checkpoint_io.markdown(results["checkpoint_io"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 1 minute)")
@@ -399,13 +406,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", default=None, help="print the tables of a results.json and exit"
     )
+    parser.add_argument(
+        "--checkpoint-mb",
+        type=float,
+        default=None,
+        help="checkpoint I/O tree size in MB (default 256; 8 with --quick; 0: skip)",
+    )
     parser.add_argument("--child-typecheck", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.report:
         results = json.loads(Path(args.report).read_text())
         if results.get("sizes"):
             results["targets"] = _report.targets(results)
-        text = _report.markdown(results) + "\n" + _perf.markdown(results)
+        text = _report.markdown(results) + _checkpoint_io_text(results)
+        text += "\n" + _perf.markdown(results)
         print(text + f"\nWall time: {results['wall_s']:.0f} s.")
         return 0
 
@@ -487,8 +501,15 @@ def main(argv: list[str] | None = None) -> int:
             tiny = suite.sizes[0]
             results["profile"] = profile(tiny, out_dir, 200 if args.quick else 2000)
             results["checks"] += results["profile"]
+        mb = args.checkpoint_mb
+        if mb is None:
+            mb = 8.0 if args.quick else 256.0
+        if mb > 0:
+            rounds = 2 if args.quick else 5
+            results["checkpoint_io"] = _checkpoint_io.run(mb, rounds, log=log)
     results["wall_s"] = time.perf_counter() - start
-    text = _report.markdown(results) + "\n" + _perf.markdown(results)
+    text = _report.markdown(results) + _checkpoint_io_text(results)
+    text += "\n" + _perf.markdown(results)
     text += f"\nWall time: {results['wall_s']:.0f} s.\n"
     print(text)
     if out_dir is not None:

@@ -3,22 +3,24 @@
 import importlib.metadata as _metadata
 
 from ._custom_types import Key as Key, KeyGrid as KeyGrid
+from ._distinct import DuplicateKeyError as DuplicateKeyError
 from ._keys import (
     as_key as as_key,
     derive as derive,
     example_keys as example_keys,
     grid_keys as grid_keys,
+    id_halves as id_halves,
     split_like as split_like,
     string_hash as string_hash,
     tree_normal as tree_normal,
 )
 from ._typecheck import typecheck as typecheck, typecheck_enabled as typecheck_enabled
 
-# --- vectorisation (_vmap.py) ---
+# --- vectorisation (_vmap/) ---
 # isort: split
 from ._ensemble import ensemble as ensemble
 from ._errors import BroadcastKeyError as BroadcastKeyError
-from ._vmap import vmap as vmap
+from ._vmap import shared as shared, vmap as vmap
 
 # --- scale (_sharding.py) ---
 # isort: split
@@ -28,6 +30,9 @@ from ._sharding import chain_mesh as chain_mesh, shard as shard
 # isort: split
 from ._scan import scan as scan
 from ._train import TrainState as TrainState, make_train_step as make_train_step
+
+# isort: split
+from . import optim as optim
 
 # --- performance (_jit.py) ---
 # isort: split

@@ -16,6 +16,12 @@ Key: TypeAlias = jaxtyping.Key[Array, ""]
 KeyGrid: TypeAlias = jaxtyping.Key[Array, "*shape"]
 """An array of typed PRNG keys of any shape."""
 
+_LEGACY_KEY_FIX = (
+    "Convert the key with `eqx_rng.as_key(key)`, or make a typed one with "
+    "`jax.random.key(seed)`."
+)
+"""The first line of every legacy-key error: the fix."""
+
 _LEGACY_KEY_HINT = (
     "eqx_rng takes typed PRNG keys (`jax.random.key(seed)`), not legacy `uint32[2]` "
     "keys from `jax.random.PRNGKey`; convert one with `eqx_rng.as_key(legacy_key)`."

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.random as jr
 
+from ._derive_reuse import derive_scope
 from ._typecheck import typecheck, typecheck_enabled
 from ._util import dist_version
 
@@ -70,6 +71,16 @@ def key_reuse() -> Iterator[None]:
     - `jax_legacy_prng_key` is `"error"`: a legacy `uint32[2]` key passed to a
         `jax.random` function raises `ValueError`, and so does `jax.random.PRNGKey`
         itself, because the checker cannot see reuse of legacy keys.
+    - Reuse by derivation is caught: `eqx_rng.derive` returns the same key object
+        for the same parent key and path item (by value for concrete keys and
+        items, by identity within a trace), so two draws from keys derived by one
+        path (`derive(k, "dropout1")` handed to two layers, one step key used for
+        two steps) are two draws from one key. Deriving a path twice and drawing
+        once is fine; distinct paths are fine. A `KeyReuseError` that leaves the
+        block is re-raised as a subclass whose message lists the paths derived
+        more than once (newest first). A `scan` body that draws from
+        `derive(k, "noise")` with a closed-over `k` (the same key at every step)
+        raises too; fold in the step index instead.
 
     Both settings are restored on exit, also when the block raises. Blocks nest. The
     settings are thread-local, as JAX's own context managers are. The checker makes
@@ -81,8 +92,8 @@ def key_reuse() -> Iterator[None]:
 
     **Raises:**
 
-    Inside the block: `jax.errors.KeyReuseError` on reuse of a typed key;
-    `ValueError` for a legacy key.
+    Inside the block: `jax.errors.KeyReuseError` on reuse of a typed key (also by
+    derivation); `ValueError` for a legacy key.
 
     !!! Example
 
@@ -96,13 +107,85 @@ def key_reuse() -> Iterator[None]:
             except jax.errors.KeyReuseError:
                 caught = True
             assert caught
+
+        def two_layers(x, key):
+            drop = eqx_rng.derive(key, "dropout1")
+            again = eqx_rng.derive(key, "dropout1")  # copy-pasted path
+            return jr.bernoulli(drop, 0.5, x.shape) * jr.bernoulli(again, 0.5, x.shape)
+
+        caught = False
+        try:
+            with eqx_rng.debug.key_reuse():
+                jax.jit(two_layers)(jnp.ones(3), jr.key(0))
+        except jax.errors.KeyReuseError as e:
+            caught = "'dropout1'" in str(e)
+        assert caught
         ```
     """
     with contextlib.ExitStack() as stack:
         stack.enter_context(jax.debug_key_reuse(True))
         stack.enter_context(jax.legacy_prng_key("error"))
         stack.enter_context(_guard_prng_key())
+        stack.enter_context(derive_scope())
         yield
+
+
+_CPUINFO = "/proc/cpuinfo"
+
+# Instruction-set extensions that decide which kernels XLA's CPU backend emits, and
+# so the last bits of float reductions (x86 and ARM names as Linux spells them).
+_SIMD_FLAGS = (
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "asimd",
+    "neon",
+    "sve",
+    "sve2",
+)
+
+
+def _read_cpuinfo(path: str) -> tuple[str | None, list[str]]:
+    """The first CPU's model name and feature flags from a Linux `/proc/cpuinfo`
+    (`flags` on x86, `Features` on ARM); `(None, [])` where there is none."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1_000_000)
+    except OSError:
+        return None, []
+    model, flags = None, []
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        if model is None and name in ("model name", "cpu model", "hardware"):
+            model = value.strip() or None
+        elif not flags and name in ("flags", "features"):
+            flags = sorted(set(value.split()))
+    return model, flags
+
+
+def cpu_info(path: str = _CPUINFO) -> dict[str, Any]:
+    """The CPU model and its instruction-set features, JSON-serialisable; never
+    raises (missing fields are `None` or empty)."""
+    model, flags = _read_cpuinfo(path)
+    return {
+        "model": model or platform.processor() or None,
+        "machine": platform.machine() or None,
+        "count": os.cpu_count(),
+        "simd": [f for f in _SIMD_FLAGS if f in flags],
+        "flags": flags,
+    }
 
 
 def _device(d: Any) -> dict[str, Any]:
@@ -133,7 +216,13 @@ def doctor() -> dict[str, Any]:
     `device_kind`, `process_index`), `prng_impl`, `threefry_partitionable`, `x64`,
     `legacy_prng_key`, `debug_key_reuse`, `default_matmul_precision`, `typecheck`
     (whether `eqx_rng.typecheck` checks calls), `xla_flags` and `jax_platforms`
-    (the environment variables, or `None`).
+    (the environment variables, or `None`), and `cpu`: a dict with `model` (from
+    `/proc/cpuinfo` on Linux, else `platform.processor()`, or `None`), `machine`
+    (`platform.machine()`), `count` (logical CPUs), `flags` (every ISA feature flag
+    Linux lists, sorted; empty elsewhere) and `simd` (the vector extensions among
+    them: `avx2`, `avx512f`, `asimd`, ...). Two machines with the same versions but
+    different vector extensions may differ in the last bits of float results (XLA
+    picks kernels by ISA), so bitwise claims hold on the same machine type.
 
     !!! Example
 
@@ -143,6 +232,7 @@ def doctor() -> dict[str, Any]:
         info = eqx_rng.debug.doctor()
         record = json.dumps(info, indent=2)  # store it beside the results
         assert info["prng_impl"] == "threefry2x32"
+        assert isinstance(info["cpu"]["simd"], list)  # e.g. ["avx2", "fma", ...]
         ```
     """
     precision = jax.default_matmul_precision.value
@@ -172,4 +262,5 @@ def doctor() -> dict[str, Any]:
         "typecheck": typecheck_enabled(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "jax_platforms": os.environ.get("JAX_PLATFORMS"),
+        "cpu": cpu_info(),
     }

@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from ._custom_types import Key
+from ._distinct import check_distinct_keys
 from ._typecheck import typecheck
 from ._vmap import vmap
 
@@ -24,6 +25,12 @@ def ensemble(
     `eqx.nn.make_with_state(Model)`: the chain axis goes on the model and on the
     `State`.
 
+    What `make` returns is checked with `eqx_rng.debug.check_distinct_keys`: a key
+    leaf that holds the same key in two chains (an optimizer state seeded with a
+    fixed key, `optax.add_noise(..., key=0)`, say) would give those chains the same
+    random numbers, and raises `DuplicateKeyError` naming the leaf. Under `jax.jit`
+    the result is traced and cannot be checked.
+
     **Arguments:**
 
     - `make`: A callable taking a keyword `key`, e.g. a Module class.
@@ -38,7 +45,8 @@ def ensemble(
 
     **Raises:**
 
-    `ValueError` if `n < 1`; a `TypeError` if `key` is not a typed scalar key.
+    `ValueError` if `n < 1`; a `TypeError` if `key` is not a typed scalar key;
+    `DuplicateKeyError` if two chains of the result hold the same PRNG key.
 
     !!! Example
 
@@ -59,7 +67,8 @@ def ensemble(
         return make(*args, **kwargs, key=key)
 
     build.__qualname__ = getattr(make, "__qualname__", build.__qualname__)
-    return vmap(build, axis_size=int(n))(key=key)
+    chains = vmap(build, axis_size=int(n))(key=key)
+    return check_distinct_keys(chains, 0)
 
 
 __all__ = ["ensemble"]

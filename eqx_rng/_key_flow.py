@@ -3,15 +3,19 @@
 `eqx_rng.vmap` traces the per-call function to a jaxpr (once, at trace time) and runs
 a forward dataflow analysis over it. Every variable carries two facts:
 
-- `origins`: which unmapped key arguments it may be derived from;
+- `origins`: which unmapped keys it may be derived from (key arguments, keys of `fn`
+  itself, keys closed over by `fn`, keys made inside `fn` from a fixed seed);
 - `varying`: whether it may depend on per-call data (a mapped input, the per-call key
   `derive(key, i)`, or `lax.axis_index` of the mapped axis).
 
-A primitive that *consumes* a key (draws bits from it or splits it) with an operand
-that derives from an unmapped key while no operand varies per call draws the same
-numbers in every mapped call: that is a finding. `random_fold_in`, `random_wrap` and
-`random_unwrap` are not consumption; their outputs join their inputs' facts, so
-`fold_in(key, lax.axis_index(name))` or `fold_in(key, example_id)` clears the key.
+A primitive that *draws* bits (`random_bits`, `random_gamma`, the raw `threefry2x32`
+hash) from a key operand that derives from an unmapped key while that operand varies
+in no way per call draws the same numbers in every mapped call that reaches it: that
+is a finding. Nothing else is: `random_split`, `random_fold_in`, `random_wrap`,
+`random_unwrap`, indexing and every other primitive pass their inputs' facts on to
+their outputs (the keys a split produces inherit their parent's marks), so
+`fold_in(key, lax.axis_index(name))`, `fold_in(split(key)[0], example_id)` and
+`split(key, n)[i]` with a mapped `i` clear the key.
 
 The analysis recurses into sub-jaxprs (`jit`, `remat`, `custom_jvp_call`,
 `custom_vjp_call`, `closed_call`, `shard_map`, ...), joins the branches of `cond`,
@@ -29,18 +33,19 @@ from jax.extend import core as jex_core
 
 from ._util import axis_names
 
-# Primitives that draw bits from, or split, a key (or a raw key's words).
-_CONSUMERS = frozenset(
-    {
-        "random_bits",
-        "random_split",
-        "random_gamma",
-        "threefry2x32",
-        "threefry4x32",
-        "philox2x32",
-        "philox4x32",
-    }
-)
+# Primitives that draw bits from a key: for each, how many leading operands are
+# the key (the raw hashes take the key words and the counts, all of which decide
+# the bits). `random_split` is not here: splitting draws nothing.
+_DRAWS = {
+    "random_bits": 1,
+    "random_gamma": 1,
+    "threefry2x32": None,
+    "threefry4x32": None,
+    "philox2x32": None,
+    "philox4x32": None,
+}
+SEEDED = -1
+"""The origin of keys made inside the function from a seed that does not vary."""
 # Collectives whose result is the same in every mapped call of the axes they reduce.
 _REDUCERS = frozenset({"psum", "pmax", "pmin", "psum_invariant", "all_gather"})
 _MAX_FIXED_POINT_ITERATIONS = 64
@@ -80,7 +85,7 @@ def _as_jaxpr(x: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    """An unmapped key argument (`origin`) consumed by `primitive` unchanged."""
+    """An unmapped key (`origin`) drawn from by `primitive` with nothing per call."""
 
     origin: int
     primitive: str
@@ -90,14 +95,19 @@ class _Analysis:
     def __init__(self, axis_name: Hashable | None):
         self.axis_name = axis_name
         self.findings: dict[int, str] = {}
-        self._cache: dict[tuple[int, tuple[Facts, ...]], list[Facts]] = {}
+        self._cache: dict[tuple[Any, ...], list[Facts]] = {}
         self._keep_alive: list[Any] = []
 
     # -- jaxprs --------------------------------------------------------------
 
-    def run(self, jaxpr: Any, in_facts: Sequence[Facts]) -> list[Facts]:
+    def run(
+        self,
+        jaxpr: Any,
+        in_facts: Sequence[Facts],
+        const_facts: Sequence[Facts] = (),
+    ) -> list[Facts]:
         jaxpr = _as_jaxpr(jaxpr)
-        cache_key = (id(jaxpr), tuple(in_facts))
+        cache_key = (id(jaxpr), tuple(in_facts), tuple(const_facts))
         cached = self._cache.get(cache_key)
         if cached is not None:
             return cached
@@ -108,6 +118,8 @@ class _Analysis:
                 return _NOTHING
             return env.get(v, _NOTHING)
 
+        for v, f in zip(jaxpr.constvars, const_facts, strict=False):
+            env[v] = f
         for v, f in zip(jaxpr.invars, in_facts, strict=True):
             env[v] = f
         for eqn in jaxpr.eqns:
@@ -125,9 +137,15 @@ class _Analysis:
     def eqn(self, eqn: Any, ins: list[Facts]) -> list[Facts]:
         name = eqn.primitive.name
         n_out = len(eqn.outvars)
-        if name in _CONSUMERS:
-            self._consume(name, ins)
+        if name in _DRAWS:
+            n_key = _DRAWS[name]
+            self._draw(name, ins if n_key is None else ins[:n_key])
             return [_join(ins)] * n_out
+        if name == "random_seed":
+            seed = _join(ins)
+            if seed.varying:
+                return [seed] * n_out
+            return [Facts(seed.origins | {SEEDED}, False)] * n_out
         if name == "axis_index":
             mine = self.axis_name is not None and self.axis_name in axis_names(
                 eqn.params.get("axis_name")
@@ -146,8 +164,8 @@ class _Analysis:
             return self._while(eqn, ins)
         return self._generic(eqn, ins)
 
-    def _consume(self, name: str, ins: list[Facts]) -> None:
-        joined = _join(ins)
+    def _draw(self, name: str, keys: list[Facts]) -> None:
+        joined = _join(keys)
         if joined.origins and not joined.varying:
             for origin in sorted(joined.origins):
                 self.findings.setdefault(origin, name)
@@ -223,23 +241,29 @@ def find_broadcast_keys(
     jaxpr: Any,
     in_facts: Sequence[Facts],
     axis_name: Hashable | None,
+    const_facts: Sequence[Facts] | None = None,
 ) -> list[Finding]:
     """Run the analysis over `jaxpr` (a `Jaxpr` or `ClosedJaxpr`).
 
     **Arguments:**
 
-    - `jaxpr`: The per-call function's jaxpr; constants carry no facts.
+    - `jaxpr`: The per-call function's jaxpr.
     - `in_facts`: One `Facts` per input variable.
     - `axis_name`: The mapped axis's name (for `lax.axis_index` and collectives).
+    - `const_facts`: One `Facts` per constant variable (values closed over by the
+        function); by default constants carry no facts.
 
     **Returns:**
 
-    One `Finding` per unmapped key origin that is consumed without per-call data,
-    sorted by origin.
+    One `Finding` per unmapped key origin drawn from without per-call data, sorted
+    by origin (`SEEDED` first).
     """
     analysis = _Analysis(axis_name)
-    analysis.run(jaxpr, list(in_facts))
+    inner = _as_jaxpr(jaxpr)
+    if const_facts is None:
+        const_facts = [_NOTHING] * len(inner.constvars)
+    analysis.run(inner, list(in_facts), list(const_facts))
     return [Finding(o, p) for o, p in sorted(analysis.findings.items())]
 
 
-__all__ = ["Facts", "Finding", "find_broadcast_keys"]
+__all__ = ["SEEDED", "Facts", "Finding", "find_broadcast_keys"]

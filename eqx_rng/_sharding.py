@@ -15,6 +15,7 @@ from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
+from ._checkpoint._records import is_weak, make_weak
 from ._keys import _is_array
 from ._typecheck import typecheck
 
@@ -55,7 +56,21 @@ def _entry_axes(entry: Any) -> tuple[str, ...]:
     return tuple(entry)
 
 
+def _repeated(names: list) -> list:
+    """The names that occur more than once in `names`, sorted."""
+    return sorted({name for name in names if names.count(name) > 1})
+
+
 def _check_axes(spec: PartitionSpec, mesh: Mesh) -> None:
+    repeated = _repeated([name for entry in spec for name in _entry_axes(entry)])
+    if repeated:
+        raise ValueError(
+            f"`shard(spec={spec})` uses the mesh axis {repeated[0]!r} more than "
+            f"once; a mesh axis can split only one dimension, once. Name each mesh "
+            f'axis at most once in `spec`, e.g. `("chains", None)`, or build a mesh '
+            f"with one axis per dimension to split, e.g. "
+            f'`eqx_rng.chain_mesh((-1, 1), ("chains", "batch"))`.'
+        )
     for entry in spec:
         for name in _entry_axes(entry):
             if name not in mesh.axis_names:
@@ -136,7 +151,8 @@ def shard(
 
     **Raises:**
 
-    `ValueError` if `spec` names an axis that `mesh` does not have, or if a mesh axis
+    `ValueError` if `spec` names an axis that `mesh` does not have, or one axis
+    twice, or if a mesh axis
     does not divide the dimension it splits (the message names the leaf, the
     dimension's size and the mesh axis size); `TypeError` for a `spec` of another
     type, or for a traced leaf (inside `jit`).
@@ -172,8 +188,11 @@ def shard(
         if fully_addressable:
             return jax.device_put(x, sharding)
         if process_local:
-            return jax.make_array_from_process_local_data(sharding, x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+            out = jax.make_array_from_process_local_data(sharding, x)
+        else:
+            out = jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+        # Those two drop weak types, which `device_put` keeps (`jnp.asarray(0.5)`).
+        return make_weak(out) if is_weak(x) else out
 
     return jtu.tree_map_with_path(place, tree)
 
@@ -209,7 +228,8 @@ def chain_mesh(
 
     **Raises:**
 
-    `ValueError` if `shape` and `axis_names` differ in length, or if the mesh size
+    `ValueError` if `shape` and `axis_names` differ in length, if an axis name is
+    repeated, or if the mesh size
     is not the number of devices.
 
     !!! Example
@@ -230,6 +250,13 @@ def chain_mesh(
                 f"axis, for example `shape=(-1, 1)`."
             )
         shape = (len(devices),)
+    repeated = _repeated(list(names))
+    if repeated:
+        raise ValueError(
+            f"`chain_mesh(axis_names={names})` repeats the axis name "
+            f"{repeated[0]!r}; every axis needs its own name, e.g. "
+            f'`axis_names=("chains", "batch")`.'
+        )
     sizes = (shape,) if isinstance(shape, int) else tuple(shape)
     if len(sizes) != len(names):
         raise ValueError(

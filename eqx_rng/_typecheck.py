@@ -6,17 +6,16 @@ they cost nothing in the compiled program. Set the environment variable
 """
 
 import functools
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from beartype import beartype
 from jaxtyping import TypeCheckError, jaxtyped
 
-from ._custom_types import _LEGACY_KEY_HINT
+from ._custom_types import _LEGACY_KEY_FIX
+from ._util import is_legacy_key
 
 _T = TypeVar("_T")
 
@@ -40,25 +39,53 @@ def typecheck_enabled() -> bool:
     return _ENABLED
 
 
-def _is_legacy_key(x: Any) -> bool:
-    if isinstance(x, jax.Array | np.ndarray):
-        dtype = x.dtype
-        if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-            return False
-        return dtype == np.uint32 and x.ndim >= 1 and x.shape[-1] == 2
-    return False
+def _legacy_key_params(fn: Callable[..., Any], args: tuple, kwargs: dict) -> list[str]:
+    """The names of the key parameters of `fn` (named `key` or annotated with a key
+    type) given a legacy key; other arguments (a `uint32[2]` array of ids, a tree
+    holding raw keys) are never blamed."""
+    try:
+        signature = inspect.signature(fn)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return []
+    names = []
+    for name, value in bound.arguments.items():
+        annotation = str(signature.parameters[name].annotation)
+        is_key_param = name == "key" or "Key[" in annotation
+        if is_key_param and is_legacy_key(value):
+            names.append(f"`{name}`")
+    return names
 
 
-def _mentions_legacy_key(args: tuple, kwargs: dict) -> bool:
-    leaves = jax.tree_util.tree_leaves((args, kwargs))
-    return any(_is_legacy_key(leaf) for leaf in leaves)
+def _call_name(fn: Callable[..., Any], args: tuple) -> str:
+    """`derive`, or `Dropout.__call__` for a method (named after the instance's
+    class, not the base class that defines it)."""
+    qualname = getattr(fn, "__qualname__", getattr(fn, "__name__", "this function"))
+    if (
+        "." in qualname
+        and args
+        and qualname.split(".")[0] in {c.__name__ for c in type(args[0]).__mro__}
+    ):
+        return f"{type(args[0]).__name__}.{qualname.rsplit('.', 1)[1]}"
+    return qualname
+
+
+def _legacy_key_error(name: str, params: list[str]) -> TypeCheckError:
+    return TypeCheckError(
+        f"{_LEGACY_KEY_FIX}\n`{name}` got a legacy `uint32[2]` key (from "
+        f"`jax.random.PRNGKey`) for {' and '.join(params)}; eqx_rng takes typed PRNG "
+        "keys."
+    )
 
 
 def typecheck(fn: _T) -> _T:
     """Check a function's jaxtyping annotations with beartype when it is called.
 
-    The same as `jaxtyping.jaxtyped(typechecker=beartype)`, plus a pointer to
-    `eqx_rng.as_key` when the failing call was given a legacy `uint32[2]` key. Under
+    The same as `jaxtyping.jaxtyped(typechecker=beartype)`, except that a failing
+    call given a legacy `uint32[2]` key (from `jax.random.PRNGKey`) raises a short
+    error whose first line is the fix (`eqx_rng.as_key(key)`, or
+    `jax.random.key(seed)`) and whose second names the function and the argument,
+    instead of the type checker's report. Under
     `jax.jit` the check runs once, at trace time. A no-op when `EQX_RNG_TYPECHECK=0`
     was set before import.
 
@@ -73,7 +100,8 @@ def typecheck(fn: _T) -> _T:
     **Raises:**
 
     A `jaxtyping.TypeCheckError` (a `TypeError`) naming the argument and the
-    dimension when a call breaks the annotations.
+    dimension when a call breaks the annotations; for a legacy key, the short
+    message above.
 
     !!! Example
 
@@ -97,9 +125,14 @@ def typecheck(fn: _T) -> _T:
     def wrapper(*args, **kwargs):
         try:
             return checked(*args, **kwargs)
-        except TypeCheckError as e:
-            if _mentions_legacy_key(args, kwargs):
-                raise TypeCheckError(f"{e}\n\n{_LEGACY_KEY_HINT}") from None
+        except TypeCheckError:
+            # A legacy key is the commonest cause for a user coming from
+            # `jax.random.PRNGKey`: a short error whose first line is the fix,
+            # instead of the type checker's report.
+            params = _legacy_key_params(fn, args, kwargs)  # type: ignore[arg-type]
+            if params:
+                name = _call_name(fn, args)  # type: ignore[arg-type]
+                raise _legacy_key_error(name, params) from None
             raise
 
     return wrapper  # type: ignore[return-value]

@@ -10,6 +10,7 @@ from collections.abc import Hashable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -19,7 +20,7 @@ def is_typed_key(x: Any) -> bool:
     if dtype is None:
         return False
     try:
-        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+        return jnp.issubdtype(dtype, jax.dtypes.prng_key)
     except TypeError:
         return False
 

@@ -6,9 +6,10 @@ stochastic-gradient Langevin dynamics (Welling & Teh, 2011),
 
     theta <- theta + (eps / 2) * grad_est log p(theta | data) + sqrt(eps) * xi,
 
-run as one vmapped program: chain `c` gets `derive(key, c)` from `eqx_rng.vmap`,
-step `t` draws its minibatch from `derive(chain_key, t, "batch")` and its injected
-noise `xi` from `eqx_rng.tree_normal(derive(chain_key, t, "noise"), theta)`.
+run as one vmapped program with `eqx_rng.optim.sgld` inside `eqx_rng.make_train_step`:
+chain `c`'s TrainState key is `derive(key, c)` (from `eqx_rng.vmap`); step `t` draws
+its minibatch from `derive(step_key, "batch")` and the optimizer draws the injected
+noise `xi` from `derive(step_key, "optimizer")`, `step_key = derive(chain_key, t)`.
 
 Checks (exit 0 when all pass):
 
@@ -27,8 +28,9 @@ inflated by about `step_scale / 4` from the discretisation and by `step_scale * 
 computed exactly here (the stationary covariance of the SGLD recursion, a discrete
 Lyapunov equation) and reported next to the measured covariance error.
 
-`--broken` runs a deliberately broken variant: the injected noise comes from one key
-shared by all chains (an unmapped argument of `eqx_rng.vmap` consumed inside it).
+`--broken` runs a deliberately broken variant: every chain's TrainState is built from
+one key shared by all chains (an unmapped argument of `eqx_rng.vmap` consumed inside
+it), so the chains draw the same minibatches and the same noise.
 `eqx_rng.vmap` refuses it with `BroadcastKeyError` (printed; exit 3). The variant is
 then run with the check switched off (`keys="broadcast"`) to show what it would have
 produced: chains that move in lockstep, caught by check 3 (exit 1 if only the
@@ -83,6 +85,15 @@ class Config:
     thin: int = 10  # keep every `thin`-th state
     batch_size: int = 500  # minibatch per step, drawn with replacement
     step_scale: float = 0.02
+    # Welling & Teh (2011), section 5.1: the bimodal Gaussian-mixture posterior.
+    mix_data: int = 100
+    mix_chains: int = 512
+    mix_steps: int = 20_000
+    mix_burn_in: int = 4_000
+    mix_thin: int = 20
+    mix_batch: int = 10
+    mix_step_size: float = 0.01
+    mix_tol: float = 0.05  # |SGLD mass - grid mass| of each mode
 
     @classmethod
     def tiny(cls) -> "Config":
@@ -94,6 +105,9 @@ class Config:
             thin=4,
             batch_size=200,
             step_scale=0.25,
+            mix_chains=64,
+            mix_steps=3_000,
+            mix_burn_in=600,
         )
 
     def validate(self) -> None:
@@ -200,64 +214,87 @@ def sgld_stationary_cov(cfg: Config, problem: Problem) -> np.ndarray:
 # ------------------------------------------------------------------------------- SGLD
 
 
+def sample_chains(
+    loss_fn: Callable,
+    optimizer: Any,
+    theta0: PyTree,
+    key: Any,
+    *,
+    n_saved: int,
+    thin: int,
+    shared_key: Any = None,
+    broadcast_opt_in: bool = False,
+    record: Callable[[PyTree], Any] = flatten,
+) -> np.ndarray:
+    """Run one SGLD chain per leading index of `theta0` with `make_train_step`, as
+    one vmapped program; returns `(chains, n_saved, d)` draws, every `thin` steps.
+
+    Chain `c`'s TrainState key is `derive(key, c)` (from `eqx_rng.vmap`); its step
+    `t` draws the minibatch and the Langevin noise from `derive(that key, t)`. With
+    `shared_key` (the BROKEN variant), every chain's TrainState is built from that
+    one key instead: `eqx_rng.vmap` refuses it, unless `broadcast_opt_in`.
+    """
+    step = eqx_rng.make_train_step(
+        loss_fn, optimizer, steps_per_call=thin, extra_metrics=False
+    )
+
+    def block(ts: Any, _: Any) -> tuple[Any, Any]:
+        ts, _ = step(ts, None)  # `thin` SGLD steps
+        return ts, record(ts.model)
+
+    def run(ts: Any) -> Any:
+        return eqx_rng.scan(block, length=n_saved)(ts, None)[1]
+
+    def run_chain(theta: PyTree, *, key: Any) -> Float[Array, "kept d"]:
+        return run(eqx_rng.TrainState.create(theta, optimizer, key=key))
+
+    def run_chain_shared_noise(
+        theta: PyTree, noise_key: Any, *, key: Any
+    ) -> Float[Array, "kept d"]:
+        # BROKEN on purpose: `noise_key` is the same for every chain and nothing
+        # per-chain is folded into it, so every chain draws the same noise.
+        del key
+        return run(eqx_rng.TrainState.create(theta, optimizer, key=noise_key))
+
+    if shared_key is None:
+        kept = eqx.filter_jit(eqx_rng.vmap(run_chain))(theta0, key=key)
+    else:
+        mapped = eqx_rng.vmap(
+            run_chain_shared_noise,
+            in_axes=(0, None),
+            keys="broadcast" if broadcast_opt_in else "derive",
+        )
+        kept = eqx.filter_jit(mapped)(theta0, shared_key, key=key)
+    return np.asarray(jax.block_until_ready(kept), np.float64)
+
+
 def make_train(
     cfg: Config, *, broken: bool = False, broadcast_opt_in: bool = False
 ) -> Callable[[Any], Any]:
     """`train(key) -> (problem, draws)`: `draws` is `(chains, kept, dim + 1)` NumPy.
 
-    `broken=True` builds the variant whose injected noise comes from one key shared
-    by every chain; with `broadcast_opt_in=True` it is run anyway (`keys="broadcast"`).
+    The sampler is `eqx_rng.optim.sgld(eps, num_data=N)` inside
+    `eqx_rng.make_train_step`: the loss is the minibatch mean of the per-example
+    negative log joint, so the update is `(eps / 2) * grad_est log p(theta | data) +
+    sqrt(eps) * xi`. `broken=True` builds the variant whose chains share one key;
+    with `broadcast_opt_in=True` it is run anyway (`keys="broadcast"`).
     """
-    n_saved = cfg.steps // cfg.thin
 
     def train(key: Any) -> tuple[Problem, np.ndarray]:
         problem = make_problem(cfg, eqx_rng.derive(key, "data"))
         x = jnp.asarray(problem.x, jnp.float32)
         y = jnp.asarray(problem.y, jnp.float32)
-        eps = problem.step_size
         var, prior_var = cfg.noise_std**2, cfg.prior_std**2
-        scale = cfg.n_data / cfg.batch_size
 
-        def grad_log_post(theta: PyTree, idx: Any) -> PyTree:
-            """Unbiased minibatch estimate of the gradient of the log posterior."""
-            xb, yb = x[idx], y[idx]
-            resid = yb - xb @ theta["w"] - theta["b"]
-            return {
-                "w": scale * (xb.T @ resid) / var - theta["w"] / prior_var,
-                "b": scale * jnp.sum(resid) / var - theta["b"] / prior_var,
-            }
-
-        def step(theta: PyTree, t: Any, chain_key: Any, noise_key: Any) -> PyTree:
+        def loss_fn(theta: PyTree, state: Any, batch: Any, *, key: Any) -> Any:
+            """Minibatch mean of `-log p(y_i | theta) - log p(theta) / N`."""
             idx = jr.randint(
-                eqx_rng.derive(chain_key, t, "batch"), (cfg.batch_size,), 0, cfg.n_data
+                eqx_rng.derive(key, "batch"), (cfg.batch_size,), 0, cfg.n_data
             )
-            grad = grad_log_post(theta, idx)
-            xi = eqx_rng.tree_normal(eqx_rng.derive(noise_key, t, "noise"), theta)
-            return jax.tree.map(
-                lambda p, g, z: p + 0.5 * eps * g + math.sqrt(eps) * z, theta, grad, xi
-            )
-
-        def run_chain(theta0: PyTree, *, key: Any) -> Float[Array, "kept d"]:
-            # The correct program: the noise key is this chain's key.
-            return _scan(theta0, lambda th, t: step(th, t, key, key))
-
-        def run_chain_shared_noise(
-            theta0: PyTree, noise_key: Any, *, key: Any
-        ) -> Float[Array, "kept d"]:
-            # BROKEN on purpose: `noise_key` is the same for every chain and nothing
-            # per-chain is folded into it, so every chain gets the same noise.
-            return _scan(theta0, lambda th, t: step(th, t, key, noise_key))
-
-        def _scan(theta0: PyTree, one_step: Callable) -> Any:
-            def block(theta: PyTree, i: Any) -> tuple[PyTree, Any]:
-                def inner(th: PyTree, j: Any) -> tuple[PyTree, None]:
-                    return one_step(th, i * cfg.thin + j), None
-
-                theta, _ = jax.lax.scan(inner, theta, jnp.arange(cfg.thin))
-                return theta, flatten(theta)
-
-            _, kept = jax.lax.scan(block, theta0, jnp.arange(n_saved))
-            return kept
+            resid = y[idx] - x[idx] @ theta["w"] - theta["b"]
+            prior = jnp.sum(theta["w"] ** 2) + theta["b"] ** 2
+            nll = jnp.mean(resid**2) / (2 * var)
+            return nll + prior / (2 * prior_var * cfg.n_data), (state, None)
 
         def init_theta(*, key: Any) -> PyTree:
             template = {"w": jnp.zeros(cfg.dim), "b": jnp.zeros(())}
@@ -267,21 +304,177 @@ def make_train(
 
         # Chain c starts from a prior draw keyed by derive(init_key, c): overdispersed.
         theta0 = eqx_rng.ensemble(init_theta, eqx_rng.derive(key, "init"), cfg.chains)
-        sgld_key = eqx_rng.derive(key, "sgld")
-        if not broken:
-            program = eqx.filter_jit(eqx_rng.vmap(run_chain))
-            kept = program(theta0, key=sgld_key)
-        else:
-            shared = eqx_rng.derive(key, "shared-noise")
-            mapped = eqx_rng.vmap(
-                run_chain_shared_noise,
-                in_axes=(0, None),
-                keys="broadcast" if broadcast_opt_in else "derive",
-            )
-            kept = eqx.filter_jit(mapped)(theta0, shared, key=sgld_key)
-        return problem, np.asarray(jax.block_until_ready(kept), np.float64)
+        optimizer = eqx_rng.optim.sgld(problem.step_size, num_data=cfg.n_data)
+        draws = sample_chains(
+            loss_fn,
+            optimizer,
+            theta0,
+            eqx_rng.derive(key, "sgld"),
+            n_saved=cfg.steps // cfg.thin,
+            thin=cfg.thin,
+            shared_key=eqx_rng.derive(key, "shared-noise") if broken else None,
+            broadcast_opt_in=broadcast_opt_in,
+        )
+        return problem, draws
 
     return train
+
+
+# ------------------------------------------------ Welling & Teh (2011), section 5.1
+
+MIX_PRIOR_VAR = (10.0, 1.0)  # variances of theta1, theta2 (sigma_1^2, sigma_2^2)
+MIX_X_VAR = 2.0  # sigma_x^2
+MIX_TRUE = (0.0, 1.0)
+MIX_GRID = ((-2.5, 3.5), (-3.5, 3.5), 601)  # theta1 range, theta2 range, points
+
+
+def mixture_data(cfg: Config, key: Any) -> np.ndarray:
+    """`mix_data` points from `1/2 N(theta1, 2) + 1/2 N(theta1 + theta2, 2)` at
+    `theta = (0, 1)`."""
+    pick = jr.bernoulli(eqx_rng.derive(key, "component"), 0.5, (cfg.mix_data,))
+    z = jr.normal(eqx_rng.derive(key, "noise"), (cfg.mix_data,))
+    t1, t2 = MIX_TRUE
+    x = t1 + np.where(np.asarray(pick), t2, 0.0) + math.sqrt(MIX_X_VAR) * np.asarray(z)
+    return np.asarray(x, np.float64)
+
+
+def _mixture_loglik(x: Any, t1: Any, t2: Any, xp: Any) -> Any:
+    """`log p(x | theta)` per point, for NumPy or JAX (`xp`); broadcasts."""
+    c = -0.5 * math.log(2 * math.pi * MIX_X_VAR) + math.log(0.5)
+    a = c - (x - t1) ** 2 / (2 * MIX_X_VAR)
+    b = c - (x - t1 - t2) ** 2 / (2 * MIX_X_VAR)
+    return xp.logaddexp(a, b)
+
+
+def mixture_grid_posterior(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact posterior on a grid: `(theta1 axis, theta2 axis, mass)` with
+    `mass[i, j]` the probability of the cell at `(theta1[i], theta2[j])`."""
+    (lo1, hi1), (lo2, hi2), n = MIX_GRID
+    g1, g2 = np.linspace(lo1, hi1, n), np.linspace(lo2, hi2, n)
+    t1, t2 = np.meshgrid(g1, g2, indexing="ij")
+    logp = -(t1**2) / (2 * MIX_PRIOR_VAR[0]) - t2**2 / (2 * MIX_PRIOR_VAR[1])
+    for xi in x:
+        logp = logp + _mixture_loglik(xi, t1, t2, np)
+    mass = np.exp(logp - logp.max())
+    return g1, g2, mass / mass.sum()
+
+
+def mode_a(t1: Any, t2: Any) -> Any:
+    """The half-plane of the mode near the true `(0, 1)`; the other mode, near
+    `(1, -1)` (`theta1 + theta2` and `-theta2` swap the components), lies across
+    the perpendicular bisector of the two points."""
+    return (t1 - 0.5) - 2 * t2 < 0
+
+
+def make_mixture_train(cfg: Config) -> Callable[[Any], Any]:
+    """`train(key) -> (x, draws)`: `mix_chains` SGLD chains on the mixture
+    posterior, one vmapped program; `draws` is `(chains, kept, 2)`."""
+
+    def train(key: Any) -> tuple[np.ndarray, np.ndarray]:
+        x_np = mixture_data(cfg, eqx_rng.derive(key, "data"))
+        x = jnp.asarray(x_np, jnp.float32)
+
+        def loss_fn(theta: PyTree, state: Any, batch: Any, *, key: Any) -> Any:
+            idx = jr.randint(
+                eqx_rng.derive(key, "batch"), (cfg.mix_batch,), 0, cfg.mix_data
+            )
+            t1, t2 = theta["t"][0], theta["t"][1]
+            nll = -jnp.mean(_mixture_loglik(x[idx], t1, t2, jnp))
+            prior = t1**2 / (2 * MIX_PRIOR_VAR[0]) + t2**2 / (2 * MIX_PRIOR_VAR[1])
+            return nll + prior / cfg.mix_data, (state, None)
+
+        def init_theta(*, key: Any) -> PyTree:
+            sd = jnp.sqrt(jnp.asarray(MIX_PRIOR_VAR, jnp.float32))
+            return {"t": sd * jr.normal(key, (2,))}  # a prior draw
+
+        theta0 = eqx_rng.ensemble(
+            init_theta, eqx_rng.derive(key, "init"), cfg.mix_chains
+        )
+        optimizer = eqx_rng.optim.sgld(cfg.mix_step_size, num_data=cfg.mix_data)
+        draws = sample_chains(
+            loss_fn,
+            optimizer,
+            theta0,
+            eqx_rng.derive(key, "sgld"),
+            n_saved=cfg.mix_steps // cfg.mix_thin,
+            thin=cfg.mix_thin,
+            record=lambda theta: theta["t"],
+        )
+        return x_np, draws
+
+    return train
+
+
+def analyse_mixture(cfg: Config, x: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
+    """Each mode's mass: SGLD (post-burn-in draws of all chains) against the grid."""
+    g1, g2, mass = mixture_grid_posterior(x)
+    t1, t2 = np.meshgrid(g1, g2, indexing="ij")
+    grid_a = float(mass[mode_a(t1, t2)].sum())
+    post = draws[:, cfg.mix_burn_in // cfg.mix_thin :]
+    in_a = mode_a(post[..., 0], post[..., 1])
+    per_chain = in_a.mean(axis=1)
+    sgld_a = float(per_chain.mean())
+    se = float(per_chain.std(ddof=1) / math.sqrt(cfg.mix_chains))
+    switched = float(np.mean((per_chain > 0) & (per_chain < 1)))
+    ok = abs(sgld_a - grid_a) <= cfg.mix_tol
+    return {
+        "grid_mass_mode_a": grid_a,
+        "grid_mass_mode_b": 1 - grid_a,
+        "sgld_mass_mode_a": sgld_a,
+        "sgld_mass_mode_b": 1 - sgld_a,
+        "sgld_mass_se": se,
+        "chains_visiting_both_modes": switched,
+        "tolerance": cfg.mix_tol,
+        "checks": {f"each mode's mass within {cfg.mix_tol} of the grid": ok},
+        "passed": ok,
+    }
+
+
+def report_mixture(res: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "Gaussian mixture (Welling & Teh 2011, 5.1): mass of each mode",
+            f"  mode near (0, 1):  grid {res['grid_mass_mode_a']:.4f}, SGLD "
+            f"{res['sgld_mass_mode_a']:.4f} (+/- {res['sgld_mass_se']:.4f} s.e.)",
+            f"  mode near (1, -1): grid {res['grid_mass_mode_b']:.4f}, SGLD "
+            f"{res['sgld_mass_mode_b']:.4f}",
+            f"  chains that visited both modes: "
+            f"{100 * res['chains_visiting_both_modes']:.0f}%",
+            *(
+                f"  [{'PASS' if ok else 'FAIL'}] {name}"
+                for name, ok in res["checks"].items()
+            ),
+        ]
+    )
+
+
+def plot_mixture(
+    path: Path, cfg: Config, x: np.ndarray, draws: np.ndarray, title: str
+) -> None:
+    import matplotlib.pyplot as plt
+
+    g1, g2, mass = mixture_grid_posterior(x)
+    post = draws[:, cfg.mix_burn_in // cfg.mix_thin :].reshape(-1, 2)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharex=True, sharey=True)
+    for ax, label in zip(
+        axes, ("exact posterior (grid)", "SGLD draws, all chains"), strict=True
+    ):
+        ax.set_xlabel("theta1")
+        ax.set_title(label)
+    axes[0].set_ylabel("theta2")
+    axes[0].contourf(g1, g2, mass.T, levels=20, cmap="viridis")
+    axes[1].hist2d(
+        post[:, 0],
+        post[:, 1],
+        bins=(np.linspace(*MIX_GRID[0], 120), np.linspace(*MIX_GRID[1], 120)),
+        cmap="viridis",
+    )
+    for ax in axes:
+        ax.plot([0, 1], [1, -1], "r+", ms=10, label="modes (0, 1), (1, -1)")
+        line = np.linspace(*MIX_GRID[0], 2)
+        ax.plot(line, (line - 0.5) / 2, "w--", lw=1, label="mode boundary")
+        ax.legend(fontsize=7, loc="lower left")
+    _common.finish(fig, path, title, dpi=100)
 
 
 # -------------------------------------------------------------------------- analysis
@@ -556,6 +749,28 @@ def main(argv: list[str] | None = None) -> int:
     res = analyse(cfg, problem, draws)
     print(report(cfg, res))
     print(f"\nwall time {wall:.1f} s (compilation included)")
+    mixture: dict[str, Any] | None = None
+    if not args.broken:
+        print(
+            f"\nSGLD on the Gaussian mixture of Welling & Teh (2011): {cfg.mix_chains} "
+            f"chains x {cfg.mix_steps} steps, batch {cfg.mix_batch} of {cfg.mix_data}"
+        )
+        mix_start = time.perf_counter()
+        x_mix, mix_draws = make_mixture_train(cfg)(eqx_rng.derive(key, "mixture"))
+        mix_wall = time.perf_counter() - mix_start
+        mixture = analyse_mixture(cfg, x_mix, mix_draws)
+        mixture["wall_time_s"] = mix_wall
+        print(report_mixture(mixture))
+        print(f"\nwall time {mix_wall:.1f} s (compilation included)")
+        plot_mixture(
+            out / "sgld-mixture.png",
+            cfg,
+            x_mix,
+            mix_draws,
+            title=f"SGLD vs the exact bimodal posterior (Welling & Teh 2011, 5.1; seed {args.seed})",
+        )
+        res["checks"].update(mixture["checks"])
+        res["passed"] = res["passed"] and mixture["passed"]
 
     plot(
         out / f"{name}.png",
@@ -570,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": _common.config_dict(cfg),
         "seed": args.seed,
         "results": res,
+        "mixture": mixture,
         "broadcast_key_error": caught,
         "wall_time_s": wall,
         "git_commit": _common.git_commit(),

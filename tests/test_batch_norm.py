@@ -98,7 +98,7 @@ def test_matches_numpy_reference(spatial, momentum):
         np.testing.assert_allclose(acc_mean, ref.acc_mean, rtol=1e-5)
         np.testing.assert_allclose(acc_var, ref.acc_var, rtol=1e-5)
         # the bias-corrected running statistics, as inference uses them
-        run_mean, run_var = bn._running_stats(state)
+        run_mean, run_var = bn.running_stats(state)
         exp_mean, exp_var = ref.running()
         np.testing.assert_allclose(run_mean, exp_mean, rtol=1e-5)
         np.testing.assert_allclose(run_var, exp_var, rtol=1e-5)
@@ -125,7 +125,7 @@ def test_bias_correction_after_one_step_is_the_batch_statistics(momentum):
     bn, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(2, momentum=momentum)
     xs = jnp.array([[1.0, 10.0], [3.0, 20.0], [5.0, 60.0]])
     _, state = _train_fn(bn)(xs, state)
-    mean, var = bn._running_stats(state)
+    mean, var = bn.running_stats(state)
     np.testing.assert_allclose(mean, [3.0, 30.0], rtol=1e-5)
     np.testing.assert_allclose(var, np.var(np.asarray(xs), axis=0, ddof=1), rtol=1e-5)
 
@@ -236,7 +236,7 @@ def test_running_statistics_converge_to_the_data():
     for k in keys:
         xs = jnp.asarray(mu)[None] + jnp.asarray(sigma)[None] * jr.normal(k, (b, c))
         _, state = step(xs, state)
-    mean, var = map(np.asarray, bn._running_stats(state))
+    mean, var = map(np.asarray, bn.running_stats(state))
     # an EMA with weight (1 - m) on each batch averages ~ b * (1 + m) / (1 - m) draws
     n_eff = int(b * (1 + momentum) / (1 - momentum))
     assert np.all(np.abs(mean - mu) < [mean_tol(s, n_eff) for s in sigma])
@@ -436,3 +436,93 @@ def test_make_with_state_and_state_roundtrip_under_jit():
     eager = _train_fn(bn)(xs, state)
     jitted = eqx.filter_jit(_train_fn(bn))(xs, state)
     assert tree_allclose(eager, jitted, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- axis, mask
+
+
+def test_channels_last_matches_numpy_reference():
+    c, b, eps = 3, 6, 1e-3
+    bn, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(c, eps=eps, axis=-1)
+    weight, bias = jnp.array([0.5, 2.0, -1.0]), jnp.array([0.1, -0.3, 2.0])
+    bn = eqx.tree_at(lambda m: (m.weight, m.bias), bn, (weight, bias))
+    xs = 3.0 + jr.normal(jr.key(0), (b, 4, 5, c))  # (batch, h, w, channels)
+    ref = _NumpyBatchNorm(c, 0.99, eps, weight, bias)
+    expected = np.moveaxis(ref.train(np.moveaxis(np.asarray(xs), -1, 1)), 1, -1)
+    ys, state = _train_fn(bn)(xs, state)
+    np.testing.assert_allclose(ys, expected, rtol=1e-5, atol=1e-5)
+    acc_mean, acc_var, _ = _stats(bn, state)
+    np.testing.assert_allclose(acc_mean, ref.acc_mean, rtol=1e-5)
+    np.testing.assert_allclose(acc_var, ref.acc_var, rtol=1e-5)
+    # channels last equals channels first on the transposed input (exact coupling)
+    bn0, state0 = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(c, eps=eps)
+    bn0 = eqx.tree_at(lambda m: (m.weight, m.bias), bn0, (weight, bias))
+    ys0, _ = _train_fn(bn0)(jnp.moveaxis(xs, -1, 1), state0)
+    np.testing.assert_allclose(jnp.moveaxis(ys0, 1, -1), ys, rtol=1e-6, atol=1e-6)
+
+
+def test_axis_errors():
+    with pytest.raises(TypeError, match="axis"):
+        eqx_rng.nn.BatchNorm(3, axis=1.0)  # type: ignore[arg-type]
+    bn, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(3, axis=2)
+    with pytest.raises(ValueError, match=r"axis=2\)` expects .*got shape \(3, 4\)"):
+        bn(jnp.ones((3, 4)), state, inference=True)
+
+
+def _masked_train_fn(bn):
+    return eqx.filter_vmap(
+        lambda x, m, s: bn(x, s, mask=m),
+        in_axes=(0, 0, None),
+        out_axes=(0, None),
+        axis_name="batch",
+    )
+
+
+@pytest.mark.parametrize("spatial", [(), (3, 2)], ids=str)
+def test_mask_leaves_padding_out_of_the_statistics(spatial):
+    c, real, pad = 3, 5, 3
+    bn, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(c, momentum=0.9)
+    xs = 2.0 + jr.normal(jr.key(1), (real, c, *spatial))
+    padding = 100.0 * jnp.ones((pad, c, *spatial))  # far off: it would shift stats
+    padded = jnp.concatenate([xs, padding])
+    mask = jnp.arange(real + pad) < real
+    ys, masked_state = _masked_train_fn(bn)(padded, mask, state)
+    # NumPy float64 on the real rows only
+    ref = _NumpyBatchNorm(c, 0.9, bn.eps, np.ones(c), np.zeros(c))
+    expected = ref.train(xs)
+    np.testing.assert_allclose(ys[:real], expected, rtol=1e-5, atol=1e-5)
+    acc_mean, acc_var, count = _stats(bn, masked_state)
+    np.testing.assert_allclose(acc_mean, ref.acc_mean, rtol=1e-5)
+    np.testing.assert_allclose(acc_var, ref.acc_var, rtol=1e-5)
+    assert count == 1
+    # padded rows no longer shift the real rows: equal to the unpadded batch
+    ys_real, real_state = _train_fn(bn)(xs, state)
+    np.testing.assert_allclose(ys[:real], ys_real, rtol=1e-5, atol=1e-5)
+    assert tree_allclose(masked_state, real_state, rtol=1e-6)
+    # padded rows are still normalised, with the real rows' statistics
+    mean = xs.mean(axis=(0, *range(2, xs.ndim)))
+    var = jnp.var(jnp.moveaxis(xs, 1, 0).reshape(c, -1), axis=1)
+    bcast = (1, c) + (1,) * len(spatial)
+    np.testing.assert_allclose(
+        ys[real:],
+        (padding - mean.reshape(bcast)) / jnp.sqrt(var.reshape(bcast) + bn.eps),
+        rtol=1e-4,
+    )
+    # all True equals no mask
+    ys_all, all_state = _masked_train_fn(bn)(xs, jnp.ones(real, bool), state)
+    np.testing.assert_allclose(ys_all, ys_real, rtol=1e-5, atol=1e-5)
+    assert tree_allclose(all_state, real_state, rtol=1e-6)
+
+
+def test_mask_with_fewer_than_two_real_elements_keeps_the_state():
+    bn, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(2)
+    xs = jr.normal(jr.key(2), (4, 2))
+    for mask in ([False] * 4, [True, False, False, False]):
+        ys, new_state = _masked_train_fn(bn)(xs, jnp.array(mask), state)
+        assert bool(jnp.all(jnp.isfinite(ys)))
+        assert tree_allclose(new_state, state, rtol=0, atol=0)
+    # gradients through a masked batch are finite too
+    grads = jax.grad(
+        lambda xs: jnp.sum(_masked_train_fn(bn)(xs, jnp.zeros(4, bool), state)[0])
+    )(xs)
+    assert bool(jnp.all(jnp.isfinite(grads)))

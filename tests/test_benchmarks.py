@@ -66,6 +66,14 @@ def test_quick(tmp_path):
     assert cnn["max_abs_diff"] < 1e-5  # vmap, lax.map, lax.scan == unrolled
     assert {r["variant"] for r in cnn["rows"]} >= {"vmap", "unrolled", "lax.map"}
     assert "## Forward call dispatch" in text and "## CNN chains" in text
+    io = results["checkpoint_io"]
+    assert io["rounds"] == 2 and abs(io["mb"] - 8.0) < 0.1
+    for rates in io["rates"].values():
+        assert len(rates["times_s"]) == 2 and rates["median_mb_s"] > 0
+    assert set(io["ratio"]) == {"save", "load"}
+    assert io["peak_load"]["eqx_rng"]["added"] >= 0
+    assert [t["met"] in (True, False) for t in io["targets"]] == [True] * 3
+    assert "## Checkpoint I/O" in text
 
 
 def test_gpu_quick_runs_on_cpu(tmp_path):

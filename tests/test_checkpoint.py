@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
@@ -151,7 +153,7 @@ def test_metadata_round_trip(tmp_path):
     assert got["epoch"] == 3 and got["lr"] == 0.1
     assert got["tags"] == ["a", "b"] and got["nested"] == {"x": None}
     lib = got["eqx_rng"]
-    assert lib["format_version"] == 1
+    assert lib["format_version"] == 2
     assert lib["jax_version"] == jax.__version__
     for name in ("eqx_rng_version", "equinox_version", "jaxlib_version", "saved_at"):
         assert lib[name]
@@ -233,7 +235,7 @@ def test_flipped_byte(tmp_path, where):
 
 def test_flipped_payload_byte_fails_load_and_load_metadata(tmp_path, monkeypatch):
     # Small chunks, so that `load_metadata` streams the payload in several reads.
-    monkeypatch.setattr(_checkpoint, "_CHUNK", 7)
+    monkeypatch.setattr(_checkpoint._format, "CHUNK", 7)
     path, tree = _saved(tmp_path)
     assert eqx_rng.load_metadata(path)["note"] == "x" * 50
     data, header_end = _layout(path)
@@ -414,7 +416,10 @@ def test_manager_keep_must_be_positive(tmp_path, keep):
 def test_manager_ignores_and_cleans_leftovers(tmp_path):
     manager = eqx_rng.CheckpointManager(tmp_path)
     manager.save(3, {"w": jnp.zeros(1)})
-    leftover = tmp_path / ".step_0000000004.ckpt.0123456789ab.tmp"
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a writer that is gone
+    host = _checkpoint._format._host()
+    leftover = tmp_path / f".step_0000000004.ckpt.{host}.{proc.pid}.0123456789ab.tmp"
     leftover.write_bytes(b"partial")
     foreign = tmp_path / "notes.txt"
     foreign.write_text("mine")

@@ -185,6 +185,21 @@ BAD_ARGS = [
     (lambda: eqx_rng.nn.BatchNorm(3, eps=0.0), r"eps=0\.0"),
     (lambda: eqx_rng.nn.BatchNorm(3, eps=-1e-5), r"eps=-1e-05"),
     (lambda: eqx_rng.nn.BatchNorm(3, axis_name=()), r"axis_name"),
+    (lambda: eqx_rng.nn.Dropout(0.5, broadcast_dims=(0, 0)), r"broadcast_dims"),
+    (lambda: eqx_rng.nn.GaussianNoise(1.0, broadcast_dims=(1, 1)), r"twice"),
+    (lambda: eqx_rng.nn.GaussianDropout(0.5, broadcast_dims=(2, 2)), r"\(2, 2\)"),
+    (
+        lambda: eqx_rng.nn.BayesLinear(3, 0, key=jr.key(0)),
+        r"BayesLinear\(out_features=\.\.\.\).*out_features=0",
+    ),
+    (
+        lambda: eqx_rng.nn.BayesLinear(3, 2, key=jr.key(0), prior_std=-1.0),
+        r"BayesLinear\(prior_std=\.\.\.\).*prior_std=-1\.0",
+    ),
+    (
+        lambda: eqx_rng.nn.LayerStack(eqx.nn.Identity, 0, key=jr.key(0)),
+        r"LayerStack\(num_layers=\.\.\.\).*num_layers=0",
+    ),
 ]
 
 
@@ -253,3 +268,35 @@ def test_batch_norm_contract(dtype, spatial, getkey):
     y0, _ = bn(xs[0], state, inference=True)
     expected = xs[0].astype(jnp.float32) / np.sqrt(1 + 1e-5)
     assert jnp.allclose(y0.astype(jnp.float32), expected, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- BayesLinear
+
+
+def test_bayes_linear_contract(getkey):
+    layer = eqx_rng.nn.BayesLinear(5, 3, key=getkey())
+    x, k = _x(getkey(), (5,)), getkey()
+    # same key same output, new key new output
+    assert _equal(layer(x, key=k), layer(x, key=k))
+    assert not _equal(layer(x, key=k), layer(x, key=getkey()))
+    # inference: the mean weights, no key (field, per-call override, inference_mode)
+    mean = layer(x, inference=True)
+    assert _equal(eqx.nn.inference_mode(layer)(x), mean)
+    assert _equal(
+        eqx.nn.inference_mode(layer)(x, key=k, inference=False), layer(x, key=k)
+    )
+    with pytest.raises(
+        ValueError, match=r"(?s)`BayesLinear` needs `key=`.*eqx\.nn\.inference_mode"
+    ):
+        layer(x)
+    # filter_jit equals eager; vmapped rows independent and equal to eager calls
+    jitted = eqx.filter_jit(lambda m, x, k: m(x, key=k))(layer, x, k)
+    assert jnp.allclose(jitted, layer(x, key=k), rtol=1e-6, atol=1e-6)
+    keys = eqx_rng.grid_keys(getkey(), (8,))
+    ys = jax.vmap(lambda k: layer(x, key=k))(keys)
+    assert len({np.asarray(y).tobytes() for y in ys}) == 8
+    assert jnp.allclose(ys[3], layer(x, key=keys[3]), rtol=1e-6, atol=1e-6)
+    # dtype kept; low precision computed in float32
+    for dtype in DTYPES:
+        y = layer(x.astype(dtype), key=k)
+        assert y.shape == (3,) and y.dtype == dtype and bool(jnp.all(jnp.isfinite(y)))

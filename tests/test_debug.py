@@ -1,4 +1,6 @@
 import json
+import os
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 
 import eqx_rng
+from eqx_rng._debug import cpu_info
 from eqx_rng.debug import doctor, key_reuse
 
 
@@ -150,3 +153,50 @@ def test_doctor_reports_key_reuse_settings():
         info = doctor()
     assert info["debug_key_reuse"] is True
     assert info["legacy_prng_key"] == "error"
+
+
+# ---------------------------------------------------------------- doctor: CPU
+
+
+def test_doctor_records_cpu_model_and_isa_features():
+    cpu = doctor()["cpu"]
+    assert json.loads(json.dumps(cpu)) == cpu
+    assert set(cpu) == {"model", "machine", "count", "simd", "flags"}
+    assert cpu["machine"] == (platform.machine() or None)
+    assert set(cpu["simd"]) <= set(cpu["flags"])
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        model = [
+            ln.split(":", 1)[1].strip()
+            for ln in text.splitlines()
+            if ln.startswith("model name")
+        ]
+        if model:
+            assert cpu["model"] == model[0]
+        if any(ln.startswith(("flags", "Features")) for ln in text.splitlines()):
+            assert cpu["flags"] == sorted(cpu["flags"]) and cpu["flags"]
+
+
+def test_cpu_info_parses_x86_and_arm_and_never_fails(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text(
+        "processor\t: 0\nmodel name\t: Test CPU @ 3GHz\n"
+        "flags\t\t: fpu avx2 sse4_2 avx\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    )
+    info = cpu_info(str(x86))
+    assert info["model"] == "Test CPU @ 3GHz"
+    assert info["flags"] == ["avx", "avx2", "fpu", "sse4_2"]
+    assert info["simd"] == ["sse4_2", "avx", "avx2"]
+
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n")
+    assert cpu_info(str(arm))["simd"] == ["asimd", "sve"]
+
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\xff\xfe\x00 no colon here \x80\n:::\n")
+    for path in (garbage, tmp_path / "missing", tmp_path):  # a directory too
+        info = cpu_info(str(path))
+        assert info["flags"] == [] and info["simd"] == []
+        assert json.loads(json.dumps(info)) == info

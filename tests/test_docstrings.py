@@ -18,7 +18,7 @@ _BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 def _public_modules():
     mods = [eqx_rng]
-    for name in ("nn", "debug"):
+    for name in ("nn", "debug", "optim"):
         mod = getattr(eqx_rng, name, None)
         if mod is not None:
             mods.append(mod)

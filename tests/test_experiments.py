@@ -232,6 +232,12 @@ def test_sgld_tiny_matches_exact_posterior(tmp_path):
     assert all(abs(z) <= 3 for z in res["z_scores"])
     assert all(r <= 1.01 for r in res["rhat"])
     assert (tmp_path / "sgld.png").read_bytes()[:8] == PNG_MAGIC
+    # Welling & Teh (2011, 5.1): each mode's SGLD mass near the grid posterior's.
+    mix = summary["mixture"]
+    assert mix["passed"] is True
+    assert abs(mix["sgld_mass_mode_a"] - mix["grid_mass_mode_a"]) <= mix["tolerance"]
+    assert 0.2 < mix["grid_mass_mode_a"] < 0.8  # both modes carry mass
+    assert (tmp_path / "sgld-mixture.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_sgld_broken_fails_loudly(tmp_path):

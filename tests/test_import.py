@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-_SUBMODULES = ("eqx_rng.nn", "eqx_rng.debug")
+_SUBMODULES = ("eqx_rng.nn", "eqx_rng.debug", "eqx_rng.optim")
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

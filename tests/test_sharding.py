@@ -7,10 +7,6 @@ check its report. Everything else runs in-process on one device.
 
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import equinox as eqx
 import jax
@@ -18,7 +14,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import REPO, keys_equal, run_python
+from _multiprocess import run_processes
+from helpers import keys_equal, run_python
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_rng
@@ -434,44 +431,9 @@ print(json.dumps({{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_shard_two_processes(tmp_path):
     """Multi-host `shard` (`jax.distributed.initialize`), 2 processes x 4 CPUs."""
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    address = f"127.0.0.1:{_free_port()}"
-    procs, logs = [], []
-    for i in range(2):
-        out, err = tmp_path / f"out{i}", tmp_path / f"err{i}"
-        with out.open("w") as stdout, err.open("w") as stderr:
-            cmd = [sys.executable, "-c", _TWO_PROCESSES, address, str(i)]
-            procs.append(
-                subprocess.Popen(
-                    cmd, stdout=stdout, stderr=stderr, env=env, cwd=REPO, text=True
-                )
-            )
-        logs.append((out, err))
-    try:
-        for proc in procs:
-            proc.wait(timeout=240)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    reports = []
-    for proc, (out, err) in zip(procs, logs, strict=True):
-        stdout = out.read_text()
-        stderr = [line for line in err.read_text().splitlines() if "[Gloo]" not in line]
-        assert proc.returncode == 0, (
-            f"process failed (rc {proc.returncode}):\n{stdout}\n" + "\n".join(stderr)
-        )
-        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    reports = run_processes(_TWO_PROCESSES, tmp_path)
     one_device = _digest(jax.jit(_draws)(jr.key(0)))
     for report in reports:
         assert report["devices"] == [8, 4]

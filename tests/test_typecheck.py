@@ -1,5 +1,6 @@
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -55,3 +56,40 @@ def test_env_var_turns_checking_off():
         "f(jnp.ones(2), jnp.ones(3)); print(eqx_rng.typecheck_enabled())"
     )
     assert run_python(code, env={"EQX_RNG_TYPECHECK": "0"}).strip() == "False"
+
+
+_LEGACY_CALLS = {
+    "derive": lambda k: eqx_rng.derive(k, "a"),
+    "grid_keys": lambda k: eqx_rng.grid_keys(k, (2,)),
+    "example_keys": lambda k: eqx_rng.example_keys(k, jnp.arange(2)),
+    "split_like": lambda k: eqx_rng.split_like(k, {"w": jnp.ones(2)}),
+    "tree_normal": lambda k: eqx_rng.tree_normal(k, {"w": jnp.ones(2)}),
+    "Dropout.__call__": lambda k: eqx_rng.nn.Dropout(0.5)(jnp.ones(3), key=k),
+    "GaussianNoise.__call__": lambda k: eqx_rng.nn.GaussianNoise(0.1)(
+        jnp.ones(3), key=k
+    ),
+    "ensemble": lambda k: eqx_rng.ensemble(eqx.nn.Linear, k, 2, 2, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(_LEGACY_CALLS))
+def test_legacy_key_error_is_short_and_starts_with_the_fix(name):
+    with pytest.raises(TypeError) as info:
+        _LEGACY_CALLS[name](jax.random.PRNGKey(0))
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("Convert the key with `eqx_rng.as_key(key)`")
+    assert "jax.random.key(seed)" in lines[0]
+    assert len(lines) <= 3, lines
+    assert f"`{name}` got a legacy `uint32[2]` key" in lines[1]
+    assert "for `key`" in lines[1]
+    # No chained type-checker report either.
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_uint32_pair_that_is_not_a_key_is_not_blamed():
+    # A uint32[2] array passed as data, with an unrelated failure: the type
+    # checker's own report, not the legacy-key message.
+    ids = jnp.array([3, 4], dtype=jnp.uint32)
+    with pytest.raises(TypeCheckError, match="Type-check error") as info:
+        eqx_rng.example_keys("not a key", ids)  # type: ignore[arg-type]
+    assert "as_key" not in str(info.value).splitlines()[0]

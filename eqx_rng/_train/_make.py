@@ -124,15 +124,30 @@ def make_train_step(
     nan_policy: str = "report",
     donate: bool = False,
     extra_metrics: bool = True,
+    trainable: Any = None,
+    check_stacked: bool = True,
 ) -> Callable:
     """Make `step(ts, batch) -> (ts, metrics)`: one optimizer step (or several).
 
     The step draws its randomness from `key = eqx_rng.derive(ts.key, ts.step)` only,
     calls `loss_fn(ts.model, ts.state, batch, key=key)` under
     `eqx.filter_value_and_grad(has_aux=True)` (gradients with respect to the
-    floating-point arrays of the model), and applies
-    `optimizer.update(grads, opt_state, params)`. The new `TrainState` has
-    `step + 1`, the same `key`, and the `state` that `loss_fn` returned.
+    trainable leaves of the model, see `trainable`), and applies
+    `optimizer.update(grads, opt_state, params)`; the other leaves are carried
+    unchanged.
+
+    **optax extra arguments.** An optimizer that takes extra arguments
+    (`optax.GradientTransformationExtraArgs`: `optax.chain`,
+    `optax.contrib.reduce_on_plateau`, `optax.lbfgs`, `eqx_rng.optim`) also gets
+    `value=` (the loss), `grad=` (the gradients), `value_fn=` (the loss at other
+    parameters: same batch, state and key, for line searches) and
+    `key=eqx_rng.derive(key, "optimizer")` (for optimizers that draw noise), each
+    only if its `update` takes it (or takes `**extra_args`, as `optax.chain` does).
+    `value_fn` also takes and ignores `key=`, so that the line searches inside a
+    chain, which refuse unknown keywords unless `value_fn` names them, accept it.
+
+    The new `TrainState` has `step + 1`, the same `key`, and the `state` that
+    `loss_fn` returned.
 
     **Dispatch.** Called on concrete arrays, the step flattens `ts` and `batch` once,
     checks them against a cached structure and calls a `jax.jit`-compiled function of
@@ -173,6 +188,14 @@ def make_train_step(
         `False` adds only `"loss"`: two outputs and a reduction less per step, which
         shows only for tiny models (about 5% of a step of a 50-parameter MLP on
         CPU). `nan_policy` works either way. (Keyword only argument.)
+    - `trainable`: The trained leaves, as in `TrainState.create` (a filter spec as
+        in `eqx.filter`; by default every inexact array except the rates of
+        `eqx_rng.nn` layers). Must be the spec that created the `TrainState`:
+        the step checks, at trace time, that `ts.opt_state` has the layout of
+        `optimizer.init` on these leaves. (Keyword only argument.)
+    - `check_stacked`: With `K > 1`, refuse a `batch` that looks like one batch of
+        `K` examples rather than `K` stacked batches (see **Raises**). `False`
+        turns the check off. (Keyword only argument.)
 
     **Returns:**
 
@@ -188,7 +211,15 @@ def make_train_step(
     Here: `ValueError` for `steps_per_call < 1` or an unknown `nan_policy`. At the
     first call (trace time): `TypeError` if `ts` is not a `TrainState` or `loss_fn`
     does not return `(loss, (state, metrics))` with a scalar loss and a dict;
-    `ValueError` if with `K > 1` an array of `batch` lacks the leading axis `K`.
+    `TypeError` for a metric that is not an array or a number (a string);
+    `ValueError` if `ts.opt_state` was built by another optimizer or on other
+    trainable leaves, or if with `K > 1` an array of `batch` lacks the leading axis
+    `K`, or (with `check_stacked`) the arrays of `batch` have the leading axis `K`
+    but their per-step slices do not share a leading size: that is one batch of `K`
+    examples (say `x` of shape `(K, 3)` and `y` of shape `(K, 1)`: per-step slices
+    of sizes 3 and 1), not `K` batches (`(K, B, 3)` and `(K, B, 1)`). A batch
+    whose per-step slices are single examples (`x` of shape `(K, D)`, `y` of shape
+    `(K,)`) is valid as stacked and cannot be told apart: stack `K` batches.
 
     !!! Example
 
@@ -224,9 +255,9 @@ def make_train_step(
             f"`make_train_step(..., nan_policy=...)` must be one of {NAN_POLICIES}, "
             f"got {nan_policy!r}."
         )
-    pure = make_one_step(loss_fn, optimizer, nan_policy, extra_metrics)
+    pure = make_one_step(loss_fn, optimizer, nan_policy, extra_metrics, trainable)
     if steps_per_call > 1:
-        pure = make_multi_step(pure, steps_per_call)
+        pure = make_multi_step(pure, steps_per_call, check_stacked)
     return _TrainStep(
         pure,
         donate=donate,

@@ -13,6 +13,7 @@ from jaxtyping import Array, Int, PyTree
 from .._custom_types import Key, KeyGrid
 from .._keys import as_key
 from .._typecheck import typecheck
+from ._trainable import init_opt_state
 
 _getattr = object.__getattribute__
 
@@ -30,8 +31,8 @@ class TrainState(eqx.Module):
 
     - `model`: The model (any pytree, usually an `eqx.Module`).
     - `state`: An `eqx.nn.State` (BatchNorm statistics and the like), or `None`.
-    - `opt_state`: The optax optimizer state, built on
-        `eqx.filter(model, eqx.is_inexact_array)`.
+    - `opt_state`: The optax optimizer state, built on the trainable leaves of
+        the model (see `TrainState.create`).
     - `key`: The run's typed PRNG key.
     - `step`: The number of steps taken, an `int32` scalar array.
 
@@ -65,6 +66,7 @@ class TrainState(eqx.Module):
         *,
         key: Key | int | np.integer,
         state: PyTree = None,
+        trainable: Any = None,
     ) -> "TrainState":
         """The state of a run at step 0.
 
@@ -76,17 +78,31 @@ class TrainState(eqx.Module):
 
         - `model`: The model, usually an `eqx.Module`.
         - `optimizer`: An optax optimizer; its state is built with
-            `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`.
+            `optimizer.init(params)`, `params` the trainable leaves of `model`
+            (`None` elsewhere).
         - `key`: The run's typed key, or an `int` seed (`eqx_rng.as_key`). Use a key
             that did not also build the model: for example
             `derive(key, "init")` for the model, `derive(key, "train")` here.
             (Keyword only argument.)
         - `state`: An `eqx.nn.State`, or `None` for a stateless model. (Keyword
             only argument.)
+        - `trainable`: Which leaves are trained: a filter spec as in `eqx.filter`
+            (a callable `leaf -> bool`, or a pytree of bools or callables that is a
+            prefix of `model`); only inexact arrays among the chosen leaves are
+            trained. The default trains every inexact array except the rates of
+            `eqx_rng.nn` layers stored as arrays (`p` of `Dropout`,
+            `GaussianDropout`, `DropPath`; `std` of `GaussianNoise`), and except any
+            field a layer class lists in its class attribute
+            `non_trainable_fields`. Pass the same spec to `make_train_step`.
+            (Keyword only argument.)
 
         **Returns:**
 
         A `TrainState` with `step == 0` (`int32`).
+
+        **Raises:**
+
+        `ValueError` if `trainable` does not fit the model's structure.
 
         !!! Example
 
@@ -104,8 +120,7 @@ class TrainState(eqx.Module):
         key = as_key(key)
         model = _copy_arrays(model)
         state = _copy_arrays(state)
-        with jax.numpy_dtype_promotion("standard"):  # optax is not strict-clean
-            opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+        opt_state = init_opt_state(optimizer, model, trainable)
         return cls(
             model=model,
             state=state,

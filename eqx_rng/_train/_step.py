@@ -11,11 +11,14 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import optax
 from jaxtyping import Array
 
 from .._keys import derive
+from ._extra_args import make_value_fn, optimizer_update
 from ._state import TrainState
+from ._trainable import check_opt_state, opt_state_matches, split_trainable
 
 NAN_POLICIES = ("report", "skip", "error")
 _NAN_TAG = "eqx_rng.make_train_step: non-finite"
@@ -92,53 +95,109 @@ def loss_fn_name(loss_fn: Callable) -> str:
     return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
 
 
+def _check_output(out: Any, name: str) -> tuple[Array, tuple[Any, Any]]:
+    """`loss_fn`'s output as `(loss, (state, metrics))`, or a clear error."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            f"`make_train_step`: `loss_fn` ({name}) must return "
+            f"`(loss, (state, metrics))`, got {type(out).__name__}; return "
+            "for example `loss, (state, {'acc': acc})` (state may be None)."
+        )
+    loss, aux = out
+    if not (isinstance(aux, tuple) and len(aux) == 2):
+        raise TypeError(
+            f"`make_train_step`: `loss_fn` ({name}) must return "
+            f"`(loss, (state, metrics))`; the second element is "
+            f"{type(aux).__name__}, not a `(state, metrics)` pair. Return "
+            "`loss, (state, metrics)` with state None for a stateless model."
+        )
+    new_state, metrics = aux
+    if metrics is None:
+        metrics = {}
+    for path, leaf in jtu.tree_leaves_with_path(metrics):
+        if not isinstance(leaf, jax.Array | np.ndarray | bool | int | float | complex):
+            raise TypeError(
+                f"`make_train_step`: `loss_fn` ({name}) returned the metric "
+                f"`metrics{jtu.keystr(path)}` = {leaf!r} ({type(leaf).__name__}); "
+                "metrics are arrays or numbers (they come back from a compiled "
+                "step). Log strings and other Python objects outside the step."
+            )
+    loss = jnp.asarray(loss)
+    if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise TypeError(
+            f"`make_train_step`: `loss_fn` ({name}) must return a floating "
+            f"scalar loss, got shape {loss.shape} and dtype {loss.dtype}."
+        )
+    return loss, (new_state, metrics)
+
+
+def _step_params(
+    model: Any, trainable: Any, optimizer: Any, opt_state: Any, name: str
+) -> tuple[Any, Any, Any]:
+    """`(params, rest, frozen)`: the leaves the optimizer sees, the others, and
+    (only for a TrainState built before rates were excluded by default) the default
+    trainable leaves, outside of which updates are dropped."""
+    params, rest = split_trainable(model, trainable)
+    if opt_state_matches(optimizer, params, opt_state):
+        return params, rest, None
+    if trainable is None:
+        # An optimizer state built on every inexact array (the default before
+        # layer rates were excluded, e.g. from an older checkpoint) still steps;
+        # the rates keep their values.
+        legacy, legacy_rest = split_trainable(model, eqx.is_inexact_array)
+        if opt_state_matches(optimizer, legacy, opt_state):
+            return legacy, legacy_rest, params
+    check_opt_state(optimizer, params, opt_state, trainable, name)
+    raise AssertionError("unreachable: check_opt_state raises on a mismatch")
+
+
 def make_one_step(
     loss_fn: Callable,
     optimizer: optax.GradientTransformation,
     nan_policy: str,
     extra_metrics: bool,
+    trainable: Any = None,
 ) -> Callable:
     name = loss_fn_name(loss_fn)
 
-    def loss_and_aux(model, state, batch, key):
-        out = loss_fn(model, state, batch, key=key)
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(
-                f"`make_train_step`: `loss_fn` ({name}) must return "
-                f"`(loss, (state, metrics))`, got {type(out).__name__}; return "
-                "for example `loss, (state, {'acc': acc})` (state may be None)."
-            )
-        loss, aux = out
-        if not (isinstance(aux, tuple) and len(aux) == 2):
-            raise TypeError(
-                f"`make_train_step`: `loss_fn` ({name}) must return "
-                f"`(loss, (state, metrics))`; the second element is "
-                f"{type(aux).__name__}, not a `(state, metrics)` pair. Return "
-                "`loss, (state, metrics)` with state None for a stateless model."
-            )
-        new_state, metrics = aux
-        if metrics is None:
-            metrics = {}
-        loss = jnp.asarray(loss)
-        if loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
-            raise TypeError(
-                f"`make_train_step`: `loss_fn` ({name}) must return a floating "
-                f"scalar loss, got shape {loss.shape} and dtype {loss.dtype}."
-            )
-        return loss, (new_state, metrics)
+    def loss_and_aux(params, rest, state, batch, key):
+        out = loss_fn(eqx.combine(params, rest), state, batch, key=key)
+        return _check_output(out, name)
 
     grad_fn = eqx.filter_value_and_grad(loss_and_aux, has_aux=True)
     messages = _StepMessages("loss or gradient (NaN or inf)")
 
     def one_step(ts: TrainState, batch: Any) -> tuple[TrainState, Any]:
         step_key = derive(ts.key, ts.step)
-        (loss, (state, metrics)), grads = grad_fn(ts.model, ts.state, batch, step_key)
-        params = eqx.filter(ts.model, eqx.is_inexact_array)
+        params, rest, frozen = _step_params(
+            ts.model, trainable, optimizer, ts.opt_state, name
+        )
+        (loss, (state, metrics)), grads = grad_fn(
+            params, rest, ts.state, batch, step_key
+        )
+        value_fn = make_value_fn(
+            lambda p: loss_and_aux(p, rest, ts.state, batch, step_key)[0]
+        )
         with jax.numpy_dtype_promotion("standard"):
             # optax relies on implicit promotion (adam's `decay**count` mixes a
             # Python float and an int32), which `jax_numpy_dtype_promotion="strict"`
             # refuses; the user's own code (`loss_fn`) keeps their setting.
-            updates, opt_state = optimizer.update(grads, ts.opt_state, params)
+            updates, opt_state = optimizer_update(
+                optimizer,
+                grads,
+                ts.opt_state,
+                params,
+                value=loss,
+                value_fn=value_fn,
+                key=derive(step_key, "optimizer"),
+            )
+        if frozen is not None:
+            updates = jtu.tree_map(
+                lambda f, u: None if f is None else u,
+                frozen,
+                updates,
+                is_leaf=lambda x: x is None,
+            )
         model = _apply_updates(ts.model, updates)
         grad_norm = _global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -163,20 +222,36 @@ def make_one_step(
     return one_step
 
 
-def make_multi_step(one_step: Callable, steps_per_call: int) -> Callable:
+def _check_stacked(batch: Any, k: int, check_stacked: bool) -> None:
+    """The `steps_per_call=K` batch checks (see `make_train_step`'s Raises)."""
+    arrays = [(p, x) for p, x in jtu.tree_leaves_with_path(batch) if eqx.is_array(x)]
+    for path, leaf in arrays:
+        if leaf.ndim == 0 or leaf.shape[0] != k:
+            raise ValueError(
+                f"`make_train_step(..., steps_per_call={k})` takes a batch with a "
+                f"leading axis of {k} (one batch per step) on every array; "
+                f"`batch{jtu.keystr(path)}` has shape {tuple(leaf.shape)}. Stack "
+                f"{k} batches with `jnp.stack` or reshape to "
+                f"`({k}, batch_size, ...)`."
+            )
+    sizes = {x.shape[1] for _, x in arrays if x.ndim >= 2}
+    if check_stacked and len(sizes) > 1:
+        shapes = ", ".join(f"batch{jtu.keystr(p)}: {tuple(x.shape)}" for p, x in arrays)
+        raise ValueError(
+            f"`make_train_step(..., steps_per_call={k})`: every array of `batch` has "
+            f"the leading axis {k}, but the per-step slices have different leading "
+            f"sizes {sorted(sizes)} ({shapes}). This looks like one batch of {k} "
+            f"examples, not {k} stacked batches: stack {k} batches with "
+            f"`jnp.stack` (shapes `({k}, batch_size, ...)`), or pass "
+            "`check_stacked=False` if the slices are right as they are."
+        )
+
+
+def make_multi_step(
+    one_step: Callable, steps_per_call: int, check_stacked: bool = True
+) -> Callable:
     def multi_step(ts: TrainState, batch: Any) -> tuple[TrainState, Any]:
-        for path, leaf in jtu.tree_leaves_with_path(batch):
-            if not eqx.is_array(leaf):
-                continue
-            if leaf.ndim == 0 or leaf.shape[0] != steps_per_call:
-                raise ValueError(
-                    f"`make_train_step(..., steps_per_call={steps_per_call})` "
-                    f"takes a batch with a leading axis of {steps_per_call} (one "
-                    f"batch per step) on every array; `batch{jtu.keystr(path)}` "
-                    f"has shape {tuple(leaf.shape)}. Stack {steps_per_call} "
-                    "batches with `jnp.stack` or reshape to "
-                    f"`({steps_per_call}, batch_size, ...)`."
-                )
+        _check_stacked(batch, steps_per_call, check_stacked)
         dynamic, static = eqx.partition(ts, eqx.is_array)
 
         def body(dynamic, batch_t):

@@ -21,11 +21,12 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from .._custom_types import Key
 from .._typecheck import typecheck
 from .._util import axis_names
+from ._common import _wider
 
 _UNBOUND_AXIS_MSG = (
     "`BatchNorm` computes batch statistics over the vmapped axis {name!r}, which is "
@@ -37,13 +38,6 @@ _UNBOUND_AXIS_MSG = (
 _Stats = tuple[
     Float[Array, " num_features"], Float[Array, " num_features"], Int[Array, ""]
 ]
-
-
-def _wider(a: Any, b: Any) -> Any:
-    """The wider of two floating dtypes (`jnp.promote_types` refuses bfloat16 and
-    float32 under `jax_numpy_dtype_promotion="strict"`)."""
-    a, b = jnp.dtype(a), jnp.dtype(b)
-    return a if jnp.finfo(a).bits >= jnp.finfo(b).bits else b
 
 
 class BatchNorm(eqx.nn.StatefulLayer):
@@ -101,6 +95,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     momentum: float = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     affine: bool = eqx.field(static=True)
+    axis: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -112,6 +107,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
         affine: bool = True,
         inference: bool = False,
         dtype: Any = None,
+        axis: int | np.integer = 0,
     ):
         """**Arguments:**
 
@@ -128,17 +124,22 @@ class BatchNorm(eqx.nn.StatefulLayer):
         - `dtype`: Dtype of `weight` and `bias`; the default floating dtype when
             `None`. The running statistics are float32 (float64 under x64) even when
             this is float16 or bfloat16.
+        - `axis`: The feature axis of one example: `0` for `(num_features,
+            *spatial)` (the default), `-1` for channels-last `(*spatial,
+            num_features)`. Static.
 
         **Raises:**
 
         `ValueError` naming the argument and the value if `num_features < 1`,
-        `momentum` is outside `[0, 1)`, `eps <= 0`, or `axis_name` is empty.
+        `momentum` is outside `[0, 1)`, `eps <= 0`, or `axis_name` is empty;
+        `TypeError` if `axis` is not an int.
 
         !!! Example
 
             ```python
             bn = eqx_rng.nn.BatchNorm(16, axis_name=("chains", "batch"), momentum=0.9)
             model, state = eqx.nn.make_with_state(eqx_rng.nn.BatchNorm)(4)
+            channels_last = eqx_rng.nn.BatchNorm(3, axis=-1)  # (H, W, 3) images
             ```
         """
         if isinstance(num_features, np.integer):
@@ -202,6 +203,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
         self.momentum = momentum
         self.eps = eps
         self.affine = affine
+        if isinstance(axis, bool) or not isinstance(axis, int | np.integer):
+            raise TypeError(
+                f"`BatchNorm(axis=...)` must be an int (the feature axis of one "
+                f"example), got {type(axis).__name__} {axis!r}."
+            )
+        self.axis = int(axis)
 
     def is_stateful(self) -> bool:
         """Always `True`: `eqx.nn.Sequential` calls this layer as
@@ -226,7 +233,22 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 raise ValueError(_UNBOUND_AXIS_MSG.format(name=name)) from None
         return size
 
-    def _running_stats(self, state: eqx.nn.State) -> tuple[Array, Array]:
+    def running_stats(
+        self, state: eqx.nn.State
+    ) -> tuple[Float[Array, " num_features"], Float[Array, " num_features"]]:
+        """The running `(mean, var)` that inference normalises with: the averages
+        divided by `1 - momentum**t` after `t` updates (bias correction), or mean 0
+        and variance 1 before the first update. The variance is the running average
+        of the unbiased batch variance. Both are float32 (float64 under x64).
+
+        **Arguments:**
+
+        - `state`: The `eqx.nn.State` holding this layer's statistics.
+
+        **Returns:**
+
+        `(mean, var)`, each of shape `(num_features,)`.
+        """
         acc_mean, acc_var, count = state.get(self.state_index)
         dtype = acc_mean.dtype
         started = count > 0
@@ -244,27 +266,133 @@ class BatchNorm(eqx.nn.StatefulLayer):
         var = jnp.where(started, acc_var / safe, jnp.ones_like(acc_var))
         return mean, var
 
+    def _feature_axis(self, x: Array) -> int:
+        """The feature axis of `x` as a non-negative int, or a `ValueError` naming
+        the expected and received shapes."""
+        ndim = x.ndim
+        layout = (
+            f"({self.num_features}, *spatial)"
+            if self.axis == 0
+            else f"(*spatial, {self.num_features})"
+            if self.axis == -1
+            else f"{self.num_features} features on axis {self.axis}"
+        )
+        axis_arg = "" if self.axis == 0 else f", axis={self.axis}"
+        if not -ndim <= self.axis < ndim or x.shape[self.axis] != self.num_features:
+            raise ValueError(
+                f"`BatchNorm(num_features={self.num_features}{axis_arg})` expects "
+                f"one example of shape {layout}, got shape {x.shape}. "
+                f"BatchNorm acts on one example; batch with a vmap, and set `axis=` "
+                f"to the feature axis (`axis=-1` for channels last)."
+            )
+        return self.axis % ndim
+
+    def _check_state(self, state: eqx.nn.State) -> Array:
+        acc_mean = state.get(self.state_index)[0]
+        if acc_mean.shape != (self.num_features,):
+            raise ValueError(
+                f"`BatchNorm(num_features={self.num_features})` got a state whose "
+                f"running mean has shape {acc_mean.shape}, expected "
+                f"({self.num_features},): the state carries an extra (chain or batch) "
+                f"axis. Map that axis with the vmap it belongs to (`in_axes=0` for a "
+                f"per-chain state, as `eqx_rng.ensemble` makes it) and keep the state "
+                f"unmapped (`None`) under the batch vmap."
+            )
+        return acc_mean
+
+    def _batch_stats(self, xs: Array, mask: Array | None) -> tuple[Array, Array, Any]:
+        """This batch's per-feature `(mean, biased var, n)` for `xs` of shape
+        `(num_features, *spatial)`; `n` (pooled elements) is a Python int without a
+        mask and a traced count with one."""
+        spatial_axes = tuple(range(1, xs.ndim))
+        bcast = (self.num_features,) + (1,) * (xs.ndim - 1)
+        batch = self._batch_size()
+        per_example = math.prod(xs.shape[1:])
+        if mask is None:
+            n = batch * per_example
+            if n < 2:
+                raise ValueError(
+                    f"`BatchNorm` in training mode pools each feature over "
+                    f"{n} element (batch size {batch} along axis_name="
+                    f"{self.axis_name!r}, input shape {xs.shape} with no spatial "
+                    f"dimensions): the variance of one element is undefined. "
+                    f"Train on a batch of at least 2 examples, or use "
+                    f"`eqx.nn.inference_mode(model)` to normalise with the "
+                    f"running statistics."
+                )
+            mean = lax.pmean(jnp.mean(xs, axis=spatial_axes), self.axis_name)
+            centred = xs - mean.reshape(bcast)
+            var = lax.pmean(
+                jnp.mean(jnp.square(centred), axis=spatial_axes), self.axis_name
+            )
+            return mean, var, n
+        # Masked: sums over the real examples only, divided by their element count.
+        w = mask.astype(xs.dtype)
+        n = lax.psum(w, self.axis_name) * per_example
+        safe_n = jnp.maximum(n, jnp.ones_like(n))
+        total = lax.psum(w * jnp.sum(xs, axis=spatial_axes), self.axis_name)
+        mean = total / safe_n
+        centred = xs - mean.reshape(bcast)
+        sq = lax.psum(
+            w * jnp.sum(jnp.square(centred), axis=spatial_axes), self.axis_name
+        )
+        return mean, sq / safe_n, n
+
+    def _updated_state(
+        self, state: eqx.nn.State, mean: Array, var: Array, n: Any
+    ) -> eqx.nn.State:
+        """`state` after one running-average update with this batch's statistics;
+        unchanged when a masked batch has fewer than 2 real elements."""
+        acc_mean, acc_var, count = state.get(self.state_index)
+        m = self.momentum
+        batch_mean = lax.stop_gradient(mean).astype(acc_mean.dtype)
+        if isinstance(n, int):
+            unbiased = lax.stop_gradient(var) * (n / (n - 1))
+            new = (
+                m * acc_mean + (1 - m) * batch_mean,
+                m * acc_var + (1 - m) * unbiased.astype(acc_var.dtype),
+                count + 1,
+            )
+        else:
+            enough = n >= 2
+            ratio = n / jnp.maximum(n - 1, jnp.ones_like(n))
+            unbiased = (lax.stop_gradient(var) * ratio).astype(acc_var.dtype)
+            new = (
+                jnp.where(enough, m * acc_mean + (1 - m) * batch_mean, acc_mean),
+                jnp.where(enough, m * acc_var + (1 - m) * unbiased, acc_var),
+                jnp.where(enough, count + 1, count),
+            )
+        return state.set(self.state_index, new)
+
     @typecheck
     def __call__(
         self,
-        x: Float[Array, " features *spatial"],
+        x: Float[Array, "*shape"],
         state: eqx.nn.State,
         *,
         key: Key | None = None,
         inference: bool | None = None,
-    ) -> tuple[Float[Array, " features *spatial"], eqx.nn.State]:
+        mask: Bool[ArrayLike, ""] | None = None,
+    ) -> tuple[Float[Array, "*shape"], eqx.nn.State]:
         """Normalise one example; in training mode also update the running
         statistics.
 
         **Arguments:**
 
-        - `x`: One example of shape `(num_features, *spatial)`, any floating dtype.
+        - `x`: One example of shape `(num_features, *spatial)` (with `axis=0`; the
+            features on axis `axis` in general), any floating dtype.
         - `state`: The `eqx.nn.State` holding the running statistics (from
             `eqx.nn.make_with_state`). Unmapped under the batch vmap.
         - `key`: Ignored; accepted so that `eqx.nn.Sequential` can pass one.
-            (Keyword only argument.)
+            (Keyword only argument, as are the rest.)
         - `inference`: Overrides the `inference` field for this call when not
-            `None`. (Keyword only argument.)
+            `None`.
+        - `mask`: A boolean scalar for this example (mapped with the batch), or
+            `None` (every example counts). Examples with `mask=False` (padding) are
+            left out of the batch statistics and of the running averages, and are
+            still normalised with the statistics of the others. A batch with fewer
+            than 2 real elements leaves the running averages unchanged. Ignored in
+            inference mode.
 
         **Returns:**
 
@@ -273,11 +401,11 @@ class BatchNorm(eqx.nn.StatefulLayer):
 
         **Raises:**
 
-        `ValueError` (at trace time) if `x.shape[0] != num_features` or `state`
-        holds statistics with an extra (chain or batch) axis; in training
-        mode, if a name in `axis_name` is not bound by an enclosing vmap, or if the
-        statistics would pool a single element (batch size 1 and no spatial
-        dimensions).
+        `ValueError` (at trace time) if `x` has no axis `axis` of size
+        `num_features` or `state` holds statistics with an extra (chain or batch)
+        axis; in training mode, if a name in `axis_name` is not bound by an
+        enclosing vmap, or if the statistics would pool a single element (batch
+        size 1 and no spatial dimensions, without a mask).
 
         !!! Example
 
@@ -293,74 +421,41 @@ class BatchNorm(eqx.nn.StatefulLayer):
             ys, state = train(images, state)
             y, state2 = bn(images[0], state, inference=True)
             assert state2 is state
+            mean, var = bn.running_stats(state)
+
+            # padded batch: the last two rows are padding and do not count
+            real = jnp.array([True, True, False, False])
+            masked = eqx.filter_vmap(
+                lambda x, m, s: bn(x, s, mask=m),
+                in_axes=(0, 0, None),
+                out_axes=(0, None),
+                axis_name="batch",
+            )
+            ys, state = masked(images, real, state)
             ```
         """
         del key
         if inference is None:
             inference = self.inference
-        if x.ndim == 0 or x.shape[0] != self.num_features:
-            raise ValueError(
-                f"`BatchNorm(num_features={self.num_features})` expects one example "
-                f"of shape ({self.num_features}, *spatial), got shape {x.shape}. "
-                f"BatchNorm acts on one example; batch with a vmap."
-            )
-        acc_mean = state.get(self.state_index)[0]
-        if acc_mean.shape != (self.num_features,):
-            raise ValueError(
-                f"`BatchNorm(num_features={self.num_features})` got a state whose "
-                f"running mean has shape {acc_mean.shape}, expected "
-                f"({self.num_features},): the state carries an extra (chain or batch) "
-                f"axis. Map that axis with the vmap it belongs to (`in_axes=0` for a "
-                f"per-chain state, as `eqx_rng.ensemble` makes it) and keep the state "
-                f"unmapped (`None`) under the batch vmap."
-            )
+        feature_axis = self._feature_axis(x)
+        acc_mean = self._check_state(state)
         dtype = _wider(x.dtype, acc_mean.dtype)
-        spatial_axes = tuple(range(1, x.ndim))
+        xs = jnp.moveaxis(x, feature_axis, 0).astype(dtype)
         bcast = (self.num_features,) + (1,) * (x.ndim - 1)
-        xs = x.astype(dtype)
         with jax.named_scope("eqx_rng.nn.BatchNorm"):
             if inference:
-                mean, var = self._running_stats(state)
-                centred = xs - mean.astype(dtype).reshape(bcast)
-                var = var.astype(dtype)
+                mean, var = self.running_stats(state)
+                mean, var = mean.astype(dtype), var.astype(dtype)
             else:
-                batch = self._batch_size()
-                n = batch * math.prod(x.shape[1:])
-                if n < 2:
-                    raise ValueError(
-                        f"`BatchNorm` in training mode pools each feature over "
-                        f"{n} element (batch size {batch} along axis_name="
-                        f"{self.axis_name!r}, input shape {x.shape} with no spatial "
-                        f"dimensions): the variance of one element is undefined. "
-                        f"Train on a batch of at least 2 examples, or use "
-                        f"`eqx.nn.inference_mode(model)` to normalise with the "
-                        f"running statistics."
-                    )
-                mean = lax.pmean(jnp.mean(xs, axis=spatial_axes), self.axis_name)
-                centred = xs - mean.reshape(bcast)
-                var = lax.pmean(
-                    jnp.mean(jnp.square(centred), axis=spatial_axes), self.axis_name
-                )
-                acc_mean, acc_var, count = state.get(self.state_index)
-                m = self.momentum
-                batch_mean = lax.stop_gradient(mean).astype(acc_mean.dtype)
-                batch_var = (lax.stop_gradient(var) * (n / (n - 1))).astype(
-                    acc_var.dtype
-                )
-                state = state.set(
-                    self.state_index,
-                    (
-                        m * acc_mean + (1 - m) * batch_mean,
-                        m * acc_var + (1 - m) * batch_var,
-                        count + 1,
-                    ),
-                )
-            y = centred * lax.rsqrt(var + self.eps).reshape(bcast)
+                m = None if mask is None else jnp.asarray(mask)
+                mean, var, n = self._batch_stats(xs, m)
+                state = self._updated_state(state, mean, var, n)
+            y = (xs - mean.reshape(bcast)) * lax.rsqrt(var + self.eps).reshape(bcast)
             if self.weight is not None and self.bias is not None:
                 y = y * self.weight.astype(dtype).reshape(bcast) + self.bias.astype(
                     dtype
                 ).reshape(bcast)
-            return y.astype(x.dtype), state
+            return jnp.moveaxis(y, 0, feature_axis).astype(x.dtype), state
 
 
 __all__ = ["BatchNorm"]

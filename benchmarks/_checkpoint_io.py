@@ -1,0 +1,276 @@
+"""Checkpoint I/O: `eqx_rng.save`/`load` against `eqx.tree_serialise_leaves` +
+`fsync` and `eqx.tree_deserialise_leaves`, on the same tree, interleaved by round.
+
+Save and load throughput in MB/s (median and min-max over rounds; the ratio is the
+median of per-round time ratios), and the peak resident memory a load adds, measured
+in a fresh subprocess per loader (the peak resident size, `VmHWM`, after the load
+minus the resident size before it), as a multiple of the data's size. Loads read from the page cache for
+both libraries (the files were just written): the numbers compare the libraries'
+own work, not the disk.
+
+```
+python benchmarks/_checkpoint_io.py --mb 256 --rounds 5   # standalone
+python benchmarks/run.py                                  # part of the full suite
+```
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import equinox as eqx  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+
+import eqx_rng  # noqa: E402
+
+LEAVES = 16
+TARGET_RATIO = 1.3  # eqx_rng time / Equinox time, save and load
+TARGET_PEAK = 1.2  # peak memory added by a load / data size
+
+
+def make_tree(mb: float) -> dict:
+    """`LEAVES` float32 arrays of `mb` MB in all, and a key and a step."""
+    n = max(1, int(mb * 1e6 / 4 / LEAVES))
+    rng = np.random.default_rng(0)
+    tree = {
+        f"w{i:02d}": jnp.asarray(rng.standard_normal(n, dtype=np.float32))
+        for i in range(LEAVES)
+    }
+    tree["key"] = jr.key(0)
+    tree["step"] = jnp.int32(0)
+    return tree
+
+
+def _nbytes(tree: dict) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def _like(tree: dict) -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def eqx_save(path: Path, tree: dict) -> None:
+    with open(path, "wb") as f:
+        eqx.tree_serialise_leaves(f, tree)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def eqx_load(path: Path, like: dict) -> dict:
+    with open(path, "rb") as f:
+        return eqx.tree_deserialise_leaves(f, like)
+
+
+def _for_eqx(tree: dict) -> dict:
+    """The same tree with the typed key as its raw key data (Equinox's serialiser
+    refuses typed keys)."""
+    return {**tree, "key": jr.key_data(tree["key"])}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    out = fn()
+    if out is not None:
+        jax.block_until_ready(jax.tree.leaves(out))
+    return time.perf_counter() - start
+
+
+def _peak_child(loader: str, path: str, mb: float) -> dict:
+    """Run in a fresh process: the resident memory one load adds."""
+    cmd = [sys.executable, __file__, "--child", loader, path, "--mb", str(mb)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{loader} child failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child(loader: str, path: str, mb: float) -> None:
+    n = max(1, int(mb * 1e6 / 4 / LEAVES))
+    like: dict = {
+        f"w{i:02d}": jax.ShapeDtypeStruct((n,), jnp.float32) for i in range(LEAVES)
+    }
+    like["key"] = jax.eval_shape(lambda: jr.key(0))
+    like["step"] = jax.ShapeDtypeStruct((), jnp.int32)
+    nbytes = LEAVES * n * 4
+    if loader == "eqx":  # Equinox reads into real arrays (in the baseline below)
+        like["key"] = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        like = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+    # Warm up (backend start, the key-wrapping compile) on a small file of the same
+    # structure, so that the baseline holds everything but the load's own memory.
+    small = Path(tempfile.mkdtemp()) / "small"
+    if loader == "eqx":
+        eqx_save(small, _for_eqx(make_tree(1e-3)))
+        eqx_load(small, _for_eqx(make_tree(1e-3)))
+    else:
+        eqx_rng.save(small, make_tree(1e-3))
+        eqx_rng.load(small, _like(make_tree(1e-3)))
+    before = _rss_now()
+    if loader == "eqx":
+        out = eqx_load(Path(path), like)
+    else:
+        out = eqx_rng.load(path, like)
+    jax.block_until_ready(jax.tree.leaves(out))
+    # The peak resident size of this process's memory (`VmHWM`; not `ru_maxrss`,
+    # which Linux carries over from the parent across `exec`): `peak - before` is
+    # an upper bound of what the load added (exact unless the warm-up peaked higher).
+    peak = _peak_rss()
+    added = max(peak - before, 0)
+    print(json.dumps({"added": added, "nbytes": nbytes, "ratio": added / nbytes}))
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _summary(times: list[float], nbytes: int) -> dict:
+    rates = [nbytes / t / 1e6 for t in times]
+    return {
+        "median_mb_s": statistics.median(rates),
+        "min_mb_s": min(rates),
+        "max_mb_s": max(rates),
+        "times_s": times,
+    }
+
+
+def run(mb: float, rounds: int, directory: str | None = None, log=print) -> dict:
+    """The whole measurement; `log` receives progress lines."""
+    tree = make_tree(mb)
+    nbytes = _nbytes(tree)
+    like = _like(tree)
+    eqx_tree = _for_eqx(tree)
+    times: dict[str, list[float]] = {
+        k: [] for k in ("eqx save", "eqx_rng save", "eqx load", "eqx_rng load")
+    }
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        eqx_path, ours_path = Path(tmp) / "tree.eqx", Path(tmp) / "tree.ckpt"
+        ops = {
+            "eqx save": lambda: eqx_save(eqx_path, eqx_tree),
+            "eqx_rng save": lambda: eqx_rng.save(ours_path, tree),
+            "eqx load": lambda: eqx_load(eqx_path, eqx_tree),
+            "eqx_rng load": lambda: eqx_rng.load(ours_path, like),
+        }
+        for r in range(rounds):
+            # Alternate which library goes first, so neither always gets a warm
+            # (or a cold) page cache.
+            order = ("eqx", "eqx_rng") if r % 2 == 0 else ("eqx_rng", "eqx")
+            for op in ("save", "load"):
+                for lib in order:
+                    times[f"{lib} {op}"].append(_timed(ops[f"{lib} {op}"]))
+            log(
+                f"[checkpoint io] round {r + 1}/{rounds}: "
+                + ", ".join(
+                    f"{k} {nbytes / v[-1] / 1e6:.0f} MB/s" for k, v in times.items()
+                )
+            )
+        peak = {
+            "eqx": _peak_child("eqx", str(eqx_path), mb),
+            "eqx_rng": _peak_child("eqx_rng", str(ours_path), mb),
+        }
+    results = {
+        "mb": nbytes / 1e6,
+        "rounds": rounds,
+        "leaves": LEAVES,
+        "rates": {k: _summary(v, nbytes) for k, v in times.items()},
+        "ratio": {
+            op: statistics.median(
+                a / b
+                for a, b in zip(times[f"eqx_rng {op}"], times[f"eqx {op}"], strict=True)
+            )
+            for op in ("save", "load")
+        },
+        "peak_load": peak,
+    }
+    results["targets"] = [
+        {
+            "target": f"{op} within {TARGET_RATIO}x of Equinox + fsync",
+            "result": f"{results['ratio'][op]:.2f}x",
+            "met": results["ratio"][op] <= TARGET_RATIO,
+        }
+        for op in ("save", "load")
+    ] + [
+        {
+            "target": f"peak memory added by a load <= {TARGET_PEAK}x the data",
+            "result": f"{peak['eqx_rng']['ratio']:.2f}x "
+            f"(Equinox {peak['eqx']['ratio']:.2f}x)",
+            "met": peak["eqx_rng"]["ratio"] <= TARGET_PEAK,
+        }
+    ]
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"## Checkpoint I/O ({results['mb']:.0f} MB, {results['leaves']} float32 "
+        f"leaves + a key, {results['rounds']} rounds)",
+        "",
+        "| operation | median MB/s | min-max MB/s |",
+        "| --- | ---: | ---: |",
+    ]
+    for name, r in results["rates"].items():
+        lines.append(
+            f"| {name} | {r['median_mb_s']:.0f} | "
+            f"{r['min_mb_s']:.0f}-{r['max_mb_s']:.0f} |"
+        )
+    lines += [
+        "",
+        f"eqx_rng / Equinox time, median of rounds: save "
+        f"{results['ratio']['save']:.2f}x, load {results['ratio']['load']:.2f}x.",
+        "",
+        "| target | result | met |",
+        "| --- | --- | :---: |",
+    ]
+    for t in results["targets"]:
+        lines.append(
+            f"| {t['target']} | {t['result']} | {'yes' if t['met'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=256.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dir", default=None, help="where to write (default: tmp)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        _child(args.child[0], args.child[1], args.mb)
+        return 0
+    results = run(
+        args.mb, args.rounds, args.dir, log=lambda m: print(m, file=sys.stderr)
+    )
+    print(markdown(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
