@@ -1,6 +1,6 @@
 """chains × batch: nested `eqx_rng.vmap` over chains and batch, per-chain BatchNorm.
 
-The recipe in README.md's "chains × batch" section is run as is; the tests below
+The recipe of the documentation page docs/chains-batch.md is run as is; the tests below
 check its promises one by one.
 """
 
@@ -72,12 +72,12 @@ def _setup(n_chains=C, batch=B, seed=0):
     return models, states, xs, step_key
 
 
-def test_readme_recipe_runs():
-    text = (REPO / "README.md").read_text()
-    section = text.split("## chains × batch", 1)[1]
-    block = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+def test_docs_recipe_runs():
+    # The recipe moved from README.md to the documentation page chains-batch.md.
+    text = (REPO / "docs" / "chains-batch.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.DOTALL)
     assert block is not None
-    exec(compile(block.group(1), "<README chains × batch>", "exec"), {})
+    exec(compile(block.group(1), "<docs/chains-batch.md>", "exec"), {})
 
 
 def test_equals_each_chain_alone():
