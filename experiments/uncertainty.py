@@ -64,12 +64,12 @@ class Config:
     dropout: float = 0.1
     bn_momentum: float = 0.9
     batch_size: int = 64
-    steps: int = 600
+    steps: int = 400
     steps_per_call: int = 50
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     prior_std: float = 1.0
-    mc_samples: int = 30
+    mc_samples: int = 20
     ece_bins: int = 15
 
     @classmethod
@@ -219,9 +219,19 @@ def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Calla
         )
         return jax.nn.softmax(det), samples
 
-    @eqx.filter_jit
+    predict_one = eqx.filter_jit(predict_chain)
+
     def predict(ts: Any, key: PRNGKeyArray) -> Any:
-        return eqx_rng.vmap(predict_chain)(ts.model, ts.state, key=key)
+        # One chain at a time (compiled once): vmapping convolutions over chains
+        # makes XLA's CPU compile slow, and evaluation does not need it. Chain c
+        # samples with derive(key, c), as eqx_rng.vmap over chains would give it.
+        outs = []
+        for c in range(cfg.chains):
+            model, state = jax.tree.map(
+                lambda a, c=c: a[c] if eqx.is_array(a) else a, (ts.model, ts.state)
+            )
+            outs.append(predict_one(model, state, key=eqx_rng.derive(key, c)))
+        return tuple(jnp.stack(parts) for parts in zip(*outs, strict=True))
 
     return {
         "init": eqx.filter_jit(init),
