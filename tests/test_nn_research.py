@@ -574,7 +574,7 @@ def test_first_version_subclass_still_works_with_a_warning():
                     return x
                 return -x
 
-    layer = OldStyle()
+    layer = OldStyle()  # pyright: ignore[reportAbstractUsage]
     x = jnp.ones(3)
     assert jnp.array_equal(layer(x, key=jr.key(0)), -x)
     assert layer(x, inference=True) is x
