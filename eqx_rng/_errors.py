@@ -2,20 +2,26 @@
 
 
 class BroadcastKeyError(ValueError):
-    """A key shared by every mapped call is drawn from, so every call draws the same.
+    """A key that is the same in every mapped call is drawn from: every call would
+    draw the same numbers.
 
-    Raised by `eqx_rng.vmap` at trace time when an argument that is not mapped
-    (`in_axes` `None`) holds a PRNG key and the function draws from it or splits it
-    (`jax.random.normal`, `jax.random.split`, ...) without first folding in anything
-    that differs from one mapped call to the next. Every row of the batch would then
-    get the same noise. The message names the argument (and the path inside it) and
-    the fixes:
+    Raised by `eqx_rng.vmap` at trace time when the function *draws* bits
+    (`jax.random.normal`, `bernoulli`, ...) from a key that carries nothing per call:
+    an argument that is not mapped (`in_axes` `None`), a key field of the function
+    itself (a Module), a key closed over by the function, or a key made inside it
+    from a fixed seed, with no per-call data folded in on the way. Splitting is not
+    drawing: the keys a split makes inherit their parent's marks, so
+    `jr.split(key, n)[i]` with a mapped `i` raises nothing. The message names the
+    key (the argument and the path inside it, or "the key `k` closed over by
+    `fn`"), the primitive that draws, and the fixes:
 
     - pass the key as `key=`: `eqx_rng.vmap` derives one key per call,
       `derive(key, i)`;
     - fold per-call data into it first, `jr.fold_in(key, lax.axis_index(name))` or a
       mapped example id (that raises nothing);
-    - `keys="broadcast"` to share one key on purpose.
+    - wrap the argument in `eqx_rng.shared(...)` when every call should draw the
+      same numbers on purpose (`keys="broadcast"` turns the check off and also
+      shares `key=`).
 
     A subclass of `ValueError`.
 

@@ -72,6 +72,9 @@ class _Inputs:
         self._labels[origin] = (where, kind)
         return Facts(frozenset({origin}), False)
 
+    def has_origins(self) -> bool:
+        return bool(self._labels)
+
     def label_of(self, origin: int) -> str:
         return _SEEDED_LABEL if origin == SEEDED else self._labels[origin][0]
 
@@ -79,24 +82,78 @@ class _Inputs:
         return "seeded" if origin == SEEDED else self._labels[origin][1]
 
 
-def _closure_names(fn: Any) -> dict[int, str]:
-    """`id(value) -> name` for the key-like values `fn`'s code closes over."""
+# Libraries whose functions are not searched for closed-over keys (they hold none
+# that a user's function could draw from per call, and searching them is slow).
+_LIBRARIES = ("jax", "jaxlib", "numpy", "equinox", "optax", "eqx_rng", "builtins")
+_SEARCH_DEPTH = 3
+_KEY_ATTRIBUTES = frozenset({"PRNGKey", "key", "as_key"})
+_KEY_ATTRIBUTE = object()
+
+
+def _code_of(fn: Any, top: bool) -> Any:
+    """The Python function whose closure and globals `fn` runs with, or None (also
+    for library functions below the top level)."""
     while True:
         inner = getattr(fn, "func", None)  # functools.partial, eqx.Partial
-        if inner is None:
+        if inner is None or inner is fn:
             break
         fn = inner
-    fn = inspect.unwrap(fn) if callable(fn) else fn
+    if callable(fn):
+        fn = inspect.unwrap(fn)
     if not inspect.isfunction(fn):
         fn = type(fn).__dict__.get("__call__")
     if not inspect.isfunction(fn):
-        return {}
-    try:
-        found = inspect.getclosurevars(fn)
-    except (TypeError, ValueError):
-        return {}
-    named = {**found.globals, **found.nonlocals}
-    return {id(v): k for k, v in named.items() if is_key_like(v)}
+        return None
+    module = getattr(fn, "__module__", None) or ""
+    if not top and module.split(".")[0] in _LIBRARIES:
+        return None
+    return fn
+
+
+def _closed_over(fn: Any) -> list[tuple[str, Any]]:
+    """`(name, value)` for the values `fn`'s code reads from its closure and globals,
+    and, a few calls deep, those of the user functions among them; an attribute
+    read named like a key (`.key`, `.PRNGKey`) comes as `(name, _KEY_ATTRIBUTE)`."""
+    found: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    todo = [(fn, 0)]
+    while todo:
+        current, depth = todo.pop()
+        code = _code_of(current, top=depth == 0)
+        if code is None or id(code) in seen:
+            continue
+        seen.add(id(code))
+        try:
+            names = inspect.getclosurevars(code)
+        except (TypeError, ValueError):
+            continue
+        # Attribute reads that may make or fetch a key (`jr.PRNGKey(0)`,
+        # `self.key`): stand for "a key may be involved", named by a None value.
+        for name in names.unbound & _KEY_ATTRIBUTES:
+            found.append((name, _KEY_ATTRIBUTE))
+        for name, value in {**names.globals, **names.nonlocals}.items():
+            found.append((name, value))
+            if callable(value) and depth + 1 < _SEARCH_DEPTH:
+                todo.append((value, depth + 1))
+    return found
+
+
+def _may_close_over_keys(fn: Any) -> bool:
+    """Whether `fn` may read a PRNG key from its closure (a cheap pre-check: the
+    analysis is traced only when there is a key to track)."""
+    for _, value in _closed_over(fn):
+        if value is _KEY_ATTRIBUTE:
+            return True
+        if inspect.ismodule(value) or inspect.isclass(value):
+            continue
+        if any(is_key_like(leaf) for leaf in jtu.tree_leaves(value)):
+            return True
+    return False
+
+
+def _closure_names(fn: Any) -> dict[int, str]:
+    """`id(value) -> name` for the keys `fn` closes over (for messages)."""
+    return {id(v): name for name, v in _closed_over(fn) if is_key_like(v)}
 
 
 def _const_facts(closed: Any, fn: Any, inputs: _Inputs) -> list[Facts]:
@@ -186,6 +243,8 @@ def check_broadcast_keys(
             where = label("the mapped function", name, path)
             inputs.add(leaf, inputs.new_origin(where, "function"))
             fn_slots.append(j)
+    if not inputs.has_origins() and not _may_close_over_keys(fn):
+        return  # no key that is the same in every call: nothing to trace for
     pass_key = call_key is not MISSING
     if pass_key and call_key is not None:
         inputs.add(call_key, Facts(frozenset(), True))

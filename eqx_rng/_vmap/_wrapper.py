@@ -321,13 +321,19 @@ def vmap(
         (one State per chain, say). An explicit `in_axes` / `out_axes` is obeyed as
         given. A State returned unmapped that differs per call (a per-example
         value was written into it) is a `ValueError` naming the fix.
-    3. **Broadcast keys.** An argument that is not mapped and holds a PRNG key that
-        `fn` draws from (or splits), without first folding in per-call data, raises
-        `BroadcastKeyError`: every call would draw the same numbers. The check reads
-        the traced program (through `jit`, `scan`, `cond`, `while`, `checkpoint`,
-        custom derivatives and inner vmaps) once, at trace time. Folding per-call
-        data in first (`jr.fold_in(key, lax.axis_index(axis_name))`, or a mapped
-        example id) raises nothing. Keys captured by a closure are not checked.
+    3. **Broadcast keys.** A key that is the same in every mapped call (an
+        unmapped argument, a key field of `fn` when `fn` is a Module, a key closed
+        over by `fn`, or a key made inside `fn` from a fixed seed) that `fn` *draws*
+        from (`jr.normal`, `jr.bernoulli`, ...) with nothing per call folded in
+        raises `BroadcastKeyError`: every call would draw the same numbers.
+        Splitting is not drawing: the keys a split makes inherit their parent's
+        marks, so `jr.split(key, n)[i]` with a mapped `i`, or
+        `jr.fold_in(jr.split(key)[0], i)`, raise nothing; neither does folding
+        per-call data in (`jr.fold_in(key, lax.axis_index(axis_name))`, a mapped
+        example id). The check reads the traced program (through `jit`, `scan`,
+        `cond`, `while`, `checkpoint`, custom derivatives and inner vmaps) once, at
+        trace time. To share an argument's randomness on purpose, wrap it in
+        `eqx_rng.shared(...)`.
 
     The checks run at trace time: under `jit` the compiled program is the vmap
     itself (plus one `fold_in` per call when `key=` is given).
@@ -359,8 +365,12 @@ def vmap(
     At call (trace) time: `BroadcastKeyError`; `TypeError` when `key=` is not one
     typed key (a legacy key points to `eqx_rng.as_key`); `ValueError` for `in_axes`
     that do not match the arguments, mapped arguments of different sizes or not
-    `axis_size`, a leaf that cannot be mapped, or a batched State as above. Here:
-    `ValueError` for `keys` other than `"derive"` / `"broadcast"`.
+    `axis_size`, a leaf that cannot be mapped (a State mapped because `axis_name`
+    is unset is named, with the fix), an `out_axes` entry out of range for an
+    output, an argument wrapped in `eqx_rng.shared` that `in_axes` maps, or a
+    batched State as above. Here: `ValueError` for `keys` other than `"derive"` /
+    `"broadcast"`, and for `in_axes` / `out_axes` entries that are not None, an int
+    or a callable.
 
     !!! Example
 
