@@ -17,10 +17,11 @@ MIN_VENV := .venv-min
 MIN_STAMP := $(MIN_VENV)/.installed
 # The floors, read from pyproject.toml: every `name>=x` dependency becomes `name==x`.
 MIN_PINS = $(shell $(PYTHON) -c 'import tomllib; print(" ".join(d.replace(">=", "==") for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
-# A fast subset (a couple of minutes) touching every module of the package.
+# A smoke subset touching the version-sensitive parts (JAX internals in vmap's key
+# check, optax's extra arguments, checkpoints, typecheck).
 MIN_TESTS := tests/test_keys.py tests/test_contract.py tests/test_typecheck.py \
-	tests/test_debug.py tests/test_checkpoint.py tests/test_batch_norm.py \
-	tests/test_ensemble.py tests/test_train.py tests/test_sharding.py
+	tests/test_debug.py tests/test_checkpoint.py tests/test_train.py \
+	tests/test_vmap.py tests/test_scan.py tests/test_optim.py
 
 .PHONY: run test lint typecheck pytest docs test-min bench clean
 

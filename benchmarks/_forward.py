@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import eqx_rng
 
 from . import _eqx_rng, _raw_jax
-from ._runner import Runner
+from ._runner import Runner, max_output_diff
 from ._workload import Data, Size, chain_keys, seed_key
 
 VARIANT = "one key in, nested eqx_rng.vmap"
@@ -134,9 +134,4 @@ def runners(size: Size, data: Data) -> list[Runner]:
 def same_numbers(size: Size, data: Data) -> float:
     """Largest absolute difference between the raw-JAX reference's logits and
     those of the other runners."""
-    outs = []
-    for runner in runners(size, data):
-        assert runner.lowerable is not None
-        fn, args = runner.lowerable(runner.init(), 0)
-        outs.append(fn(*args)[0])
-    return max(float(jnp.max(jnp.abs(outs[0] - out))) for out in outs[1:])
+    return max_output_diff(runners(size, data))

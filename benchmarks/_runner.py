@@ -72,3 +72,14 @@ def compiled_memory(fn: Callable, args: tuple) -> dict[str, int] | None:
         "alias_bytes": alias,
         "total_bytes": arg + out + temp - alias,
     }
+
+
+def max_output_diff(runners: list[Runner]) -> float:
+    """Largest absolute difference between the first output (logits) of the
+    first runner's call and of each other runner's, on their initial carries."""
+    outs = []
+    for runner in runners:
+        assert runner.lowerable is not None
+        fn, args = runner.lowerable(runner.init(), 0)
+        outs.append(fn(*args)[0])
+    return max(float(abs(outs[0] - out).max()) for out in outs[1:])

@@ -39,6 +39,7 @@ from benchmarks import (  # noqa: E402
     _flax_nnx,
     _forward,
     _harness,
+    _perf,
     _plain_eqx,
     _raw_jax,
     _report,
@@ -393,6 +394,16 @@ def main(argv: list[str] | None = None) -> int:
         "--no-typecheck", action="store_true", help="skip the on/off child"
     )
     parser.add_argument(
+        "--no-perf",
+        action="store_true",
+        help="skip the forward-dispatch and CNN-chains workloads",
+    )
+    parser.add_argument(
+        "--cnn-batch-size",
+        action="store_true",
+        help="also time lax.map(..., batch_size=chains // 4) in the CNN workload",
+    )
+    parser.add_argument(
         "--report", default=None, help="print the tables of a results.json and exit"
     )
     parser.add_argument(
@@ -408,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         if results.get("sizes"):
             results["targets"] = _report.targets(results)
         text = _report.markdown(results) + _checkpoint_io_text(results)
+        text += "\n" + _perf.markdown(results)
         print(text + f"\nWall time: {results['wall_s']:.0f} s.")
         return 0
 
@@ -477,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                 "chains x batch forward: logits against raw JAX with pre-split keys, max |Δ| = "
                 f"{results['forward']['max_abs_diff']:.1e}"
             )
+        if not args.no_perf:
+            results["dispatch"] = _perf.dispatch_suite(suite, log)
+            results["cnn"] = _perf.cnn_suite(suite, log, batch_size=args.cnn_batch_size)
+            results["checks"] += _perf.targets(results)
         wanted = {suite.roles[r] for r in suite.typecheck_roles}
         if not args.no_typecheck and wanted & {s.name for s in suite.sizes}:
             results["typecheck"] = typecheck_compare(suite, args, results["sizes"])
@@ -493,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             results["checkpoint_io"] = _checkpoint_io.run(mb, rounds, log=log)
     results["wall_s"] = time.perf_counter() - start
     text = _report.markdown(results) + _checkpoint_io_text(results)
+    text += "\n" + _perf.markdown(results)
     text += f"\nWall time: {results['wall_s']:.0f} s.\n"
     print(text)
     if out_dir is not None:

@@ -81,6 +81,11 @@ def key_reuse() -> Iterator[None]:
         more than once (newest first). A `scan` body that draws from
         `derive(k, "noise")` with a closed-over `k` (the same key at every step)
         raises too; fold in the step index instead.
+        The block remembers every key it derived, so its memory grows with the
+        number of distinct derivations: run a few steps under it, not a whole
+        training run. Not seen: a key derived inside a compiled program from the
+        program's arguments is new at every call, so a jitted step called twice
+        with the same step number is not caught.
 
     Both settings are restored on exit, also when the block raises. Blocks nest. The
     settings are thread-local, as JAX's own context managers are. The checker makes

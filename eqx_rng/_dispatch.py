@@ -131,12 +131,16 @@ class Entry:
     """One compiled variant: the split of every argument, and (after the first
     call) of every output position."""
 
-    __slots__ = ("splits", "fn", "out_splits")
+    __slots__ = ("splits", "fn", "out_splits", "direct", "closed_cache")
 
     def __init__(self, splits: tuple[Split, ...]):
         self.splits = splits
         self.fn: Callable = lambda *args: None
         self.out_splits: tuple[Split, ...] | None = None
+        # Per output position: returned by `jit` as the pytree itself (no static
+        # leaves; `jit` unflattens it in C++), else as its flat dynamic leaves.
+        self.direct: tuple[bool, ...] = ()
+        self.closed_cache: dict[tuple[int, int], bool] = {}
 
     def matches(self, flat: Sequence[tuple[list, Any]], concrete: frozenset) -> bool:
         return all(
@@ -150,8 +154,20 @@ class Entry:
     def closed(self, out_index: int, arg_index: int) -> bool:
         """Whether output `out_index` can be fed back as argument `arg_index` with
         its dynamic leaves alone (same structure and static leaves)."""
+        found = self.closed_cache.get((out_index, arg_index))
+        if found is None:
+            assert self.out_splits is not None
+            found = self.out_splits[out_index].same_as(self.splits[arg_index])
+            self.closed_cache[(out_index, arg_index)] = found
+        return found
+
+    def output(self, index: int, out: Any) -> Any:
+        """Output position `index` as a pytree, from what the compiled function
+        returned for it."""
+        if self.direct[index]:
+            return out
         assert self.out_splits is not None
-        return self.out_splits[out_index].same_as(self.splits[arg_index])
+        return self.out_splits[index].unflatten(out)
 
 
 class Dispatcher:
@@ -164,6 +180,9 @@ class Dispatcher:
     - `num_outputs`: `None` if `fn` returns one pytree; else `fn` returns a tuple of
         this length and each position is split on its own (so that one of them can
         be fed back with `Entry.closed`).
+    - `flat_outputs`: Output positions always returned as flat dynamic leaves
+        (to be fed back with `Entry.closed` and `run`); other positions without
+        static leaves come back from `jit` as pytrees.
     - `donate_argnums`: Positions whose array leaves are donated to the output.
         Donation is turned off for a variant whose donated leaves hold the same
         buffer twice (tied weights).
@@ -176,12 +195,14 @@ class Dispatcher:
         fn: Callable,
         *,
         num_outputs: int | None = None,
+        flat_outputs: tuple[int, ...] = (),
         donate_argnums: tuple[int, ...] = (),
         on_error: Callable[[BaseException], BaseException | None] | None = None,
         max_entries: int = _MAX_ENTRIES,
     ):
         self.fn = fn
         self.num_outputs = num_outputs
+        self.flat_outputs = frozenset(flat_outputs)
         self.donate_argnums = tuple(donate_argnums)
         self.on_error = on_error
         self.max_entries = max_entries
@@ -227,10 +248,9 @@ class Dispatcher:
             raise new from None
 
     def unflatten_outputs(self, e: Entry, outs: Any) -> Any:
-        assert e.out_splits is not None
         if self.num_outputs is None:
-            return e.out_splits[0].unflatten(outs)
-        return tuple(s.unflatten(o) for s, o in zip(e.out_splits, outs, strict=True))
+            return e.output(0, outs)
+        return tuple(e.output(i, o) for i, o in enumerate(outs))
 
     def _lookup(self, splits: tuple[Split, ...], flat: Sequence) -> Entry:
         for e in self.entries:
@@ -250,6 +270,7 @@ class Dispatcher:
         e = Entry(splits)
         fn = self.fn
         num_outputs = self.num_outputs
+        flat_outputs = self.flat_outputs
 
         def flat_fn(*dynamic: list) -> Any:
             args = [s.unflatten(d) for s, d in zip(splits, dynamic, strict=True)]
@@ -257,8 +278,16 @@ class Dispatcher:
             parts = (out,) if num_outputs is None else tuple(out)
             out_flat = [jtu.tree_flatten(p) for p in parts]
             e.out_splits = tuple(Split(lv, td) for lv, td in out_flat)
+            e.closed_cache = {}
+            e.direct = tuple(
+                i not in flat_outputs and s.get_dynamic is None
+                for i, s in enumerate(e.out_splits)
+            )
             dyn = [
-                s.dynamic(lv) for s, (lv, _) in zip(e.out_splits, out_flat, strict=True)
+                p if direct else s.dynamic(lv)
+                for p, direct, s, (lv, _) in zip(
+                    parts, e.direct, e.out_splits, out_flat, strict=True
+                )
             ]
             return dyn[0] if num_outputs is None else dyn
 

@@ -18,7 +18,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from ._dispatch import Dispatcher
+from ._dispatch import Dispatcher, Entry
 from ._typecheck import typecheck
 
 # donate= -> (donate the first argument, donate the rest, silence JAX's warning
@@ -115,6 +115,8 @@ class _Jitted:
         self._dispatchers: dict[int, Dispatcher] = {}
         self._cache: list[_ArgCache | None] = []
         self._signature: inspect.Signature | None = None
+        self._checked_entry: Entry | None = None
+        self._checked: list = []
         functools.update_wrapper(self, fn, updated=())
 
     def __repr__(self) -> str:
@@ -173,9 +175,24 @@ class _Jitted:
         flat.append(jtu.tree_flatten(kwargs) if kwargs else _EMPTY)
         return d, flat
 
+    def _fits(self, e: Entry, flat: list, concrete: frozenset) -> bool:
+        """Whether `flat` fits variant `e`. A position whose flattened form is the
+        very object that fitted `e` last call (`fn`, a cached Module, no kwargs)
+        is not compared again."""
+        checked = self._checked if self._checked_entry is e else ()
+        for i, (s, f) in enumerate(zip(e.splits, flat, strict=True)):
+            if i < len(checked) and checked[i] is f:
+                continue
+            if not s.matches(f[0], f[1], concrete):
+                return False
+        self._checked_entry, self._checked = e, flat
+        return True
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         d, flat = self._flat(args, kwargs)
-        e = d.entry(flat)
+        e = d.last_entry
+        if e is None or not self._fits(e, flat, d.concrete):
+            e = d.entry(flat)
         if e is None:
             # A tracer among the leaves: inside jit / vmap / grad / scan, run inline.
             return _call_parts(*[tr.unflatten(leaves) for leaves, tr in flat])

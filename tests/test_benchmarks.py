@@ -54,6 +54,18 @@ def test_quick(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "## Step time" in text and "## Targets" in text
     assert "## chains x batch forward" in text
+    # The forward-dispatch and CNN-chains workloads: the same numbers every way.
+    (tiny,) = results["dispatch"]["sizes"]
+    assert tiny["max_abs_diff"] == 0.0
+    assert [r["impl"] for r in tiny["rows"]] == [
+        "raw JAX",
+        "eqx_rng.jit",
+        "eqx.filter_jit",
+    ]
+    cnn = results["cnn"]
+    assert cnn["max_abs_diff"] < 1e-5  # vmap, lax.map, lax.scan == unrolled
+    assert {r["variant"] for r in cnn["rows"]} >= {"vmap", "unrolled", "lax.map"}
+    assert "## Forward call dispatch" in text and "## CNN chains" in text
     io = results["checkpoint_io"]
     assert io["rounds"] == 2 and abs(io["mb"] - 8.0) < 0.1
     for rates in io["rates"].values():

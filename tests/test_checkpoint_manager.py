@@ -142,6 +142,21 @@ def test_make_weak_uses_a_jax_function_that_exists():
     assert np.array_equal(x, np.arange(3.0))
 
 
+def test_saved_doctor_is_a_fresh_doctor(tmp_path):
+    """The library entries reuse `doctor()` per process and settings: what a file
+    records is what `doctor()` says at save time, also after a setting changes."""
+    before = bool(jax.threefry_partitionable.value)
+    for partitionable in (before, not before):
+        jax.config.update("jax_threefry_partitionable", partitionable)
+        try:
+            path = eqx_rng.save(tmp_path / "a", _tree(1.0))
+            saved = eqx_rng.load_metadata(path)["eqx_rng"]["doctor"]
+            assert saved == eqx_rng.debug.doctor()
+            assert saved["threefry_partitionable"] is partitionable
+        finally:
+            jax.config.update("jax_threefry_partitionable", before)
+
+
 # ----------------------------------------------------------------------------------
 # Temporary files
 

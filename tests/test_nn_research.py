@@ -551,3 +551,33 @@ def test_new_layers_train_as_chains_and_checkpoint(tmp_path):
         rtol=0,
         atol=0,
     )
+
+
+def test_layers_declare_their_rates_non_trainable():
+    assert nn.Dropout.non_trainable_fields == ("p",)
+    assert nn.GaussianDropout.non_trainable_fields == ("p",)
+    assert nn.DropPath.non_trainable_fields == ("p",)
+    assert nn.GaussianNoise.non_trainable_fields == ("std",)
+    for cls in (nn.Dropout, nn.GaussianDropout, nn.DropPath, nn.GaussianNoise):
+        for name in cls.non_trainable_fields:
+            assert name in cls.__dataclass_fields__
+
+
+def test_first_version_subclass_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="implement `sample"):
+
+        class OldStyle(nn.AbstractStochasticLayer):
+            inference: bool = False
+
+            def __call__(self, x, *, key=None, inference=None):
+                if not self._training(key, inference):
+                    return x
+                return -x
+
+    layer = OldStyle()  # pyright: ignore[reportAbstractUsage]
+    x = jnp.ones(3)
+    assert jnp.array_equal(layer(x, key=jr.key(0)), -x)
+    assert layer(x, inference=True) is x
+    assert jnp.array_equal(
+        nn.mc_mode(eqx.nn.inference_mode(layer))(x, key=jr.key(0)), -x
+    )

@@ -57,7 +57,7 @@ from ._sharded import (
 
 def check_path(path: Any, fn: str) -> Path:
     """`path` as a `Path` naming a file, or a clear error."""
-    if str(path) == "" or os.fspath(path) == "":
+    if os.fspath(path) == "":
         raise ValueError(
             f"`eqx_rng.{fn}(path=...)` got an empty path; pass the file to write, "
             "for example `'checkpoints/step_100.ckpt'`."

@@ -11,6 +11,7 @@ numbers, static fields) comes from the `like` tree given to `load`.
 import datetime as dt
 import functools
 import json
+import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -145,12 +146,35 @@ def _versions() -> dict[str, Any]:
     }
 
 
-def library_entries(extra: dict[str, Any] | None) -> dict[str, Any]:
+_DOCTOR: dict[tuple, dict[str, Any]] = {}
+
+
+def _doctor() -> dict[str, Any]:
+    """`eqx_rng.debug.doctor()`, computed once per process for each combination of
+    the settings in it that can change at run time (it takes ~0.1 s: package
+    metadata and platform lookups), so that saving a small checkpoint stays cheap.
+    `tests/test_checkpoint_manager.py` checks it against a fresh `doctor()`."""
     from .. import debug
 
+    settings = (
+        str(jax.default_prng_impl.value),
+        bool(jax.threefry_partitionable.value),
+        bool(jax.enable_x64.value),
+        str(jax.legacy_prng_key.value),
+        bool(jax.debug_key_reuse.value),
+        str(jax.default_matmul_precision.value),
+        os.environ.get("XLA_FLAGS"),
+        os.environ.get("JAX_PLATFORMS"),
+    )
+    if settings not in _DOCTOR:
+        _DOCTOR[settings] = debug.doctor()
+    return json.loads(json.dumps(_DOCTOR[settings]))  # a copy
+
+
+def library_entries(extra: dict[str, Any] | None) -> dict[str, Any]:
     entries: dict[str, Any] = {"format_version": FORMAT_VERSION, **_versions()}
     entries["saved_at"] = dt.datetime.now(dt.UTC).isoformat()
-    entries["doctor"] = debug.doctor()
+    entries["doctor"] = _doctor()
     entries.update(extra or {})
     return entries
 

@@ -50,6 +50,7 @@ class _TrainStep:
         self._dispatch = Dispatcher(
             parts_step,
             num_outputs=2,
+            flat_outputs=(0,),
             donate_argnums=(0,) if donate else (),
             on_error=nan_error,
         )
@@ -112,7 +113,7 @@ class _TrainStep:
             self._last_out = (weakref.ref(new_ts, self._forget), e, out)
         else:
             self._last_out = None
-        return new_ts, out_splits[1].unflatten(metrics)
+        return new_ts, e.output(1, metrics)
 
 
 @typecheck

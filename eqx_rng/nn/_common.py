@@ -7,7 +7,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import equinox as eqx
 import jax
@@ -176,7 +176,8 @@ class AbstractStochasticLayer(eqx.Module):
     the standard missing-key `ValueError` in training mode without a key, and
     otherwise returns `self.sample(x, key=key)`. A subclass declares the field
     `inference: bool` and implements `sample(x, *, key)`, the training-mode
-    computation on one example.
+    computation on one example; rate fields it stores as arrays go in the class
+    attribute `non_trainable_fields` so that training leaves them alone.
 
     !!! Example
 
@@ -195,6 +196,11 @@ class AbstractStochasticLayer(eqx.Module):
     """
 
     inference: eqx.AbstractVar[bool]
+
+    non_trainable_fields: ClassVar[tuple[str, ...]] = ()
+    """Names of fields (rates stored as arrays) that training never updates: the
+    default `trainable=` of `eqx_rng.TrainState.create` and `make_train_step`
+    leaves them out."""
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)

@@ -8,7 +8,7 @@ is traced, so an ensemble may vmap over different rates.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -92,6 +92,7 @@ class Dropout(AbstractStochasticLayer):
 
     p: _Rate
     inference: bool
+    non_trainable_fields: ClassVar[tuple[str, ...]] = ("p",)
     broadcast_dims: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(
@@ -217,6 +218,7 @@ class GaussianDropout(AbstractStochasticLayer):
 
     p: _Rate
     inference: bool
+    non_trainable_fields: ClassVar[tuple[str, ...]] = ("p",)
     broadcast_dims: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(
@@ -296,6 +298,7 @@ class DropPath(AbstractStochasticLayer):
 
     p: _Rate
     inference: bool
+    non_trainable_fields: ClassVar[tuple[str, ...]] = ("p",)
 
     def __init__(self, p: _RateLike, *, inference: bool = False):
         """**Arguments:**

@@ -1,6 +1,7 @@
 """Additive noise: `GaussianNoise`."""
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ class GaussianNoise(AbstractStochasticLayer):
 
     std: _Rate
     inference: bool
+    non_trainable_fields: ClassVar[tuple[str, ...]] = ("std",)
     broadcast_dims: tuple[int, ...] = eqx.field(static=True)
 
     def __init__(
