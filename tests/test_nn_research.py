@@ -320,7 +320,7 @@ def test_layer_stack_under_vmap_jit_and_grad():
         return jnp.sum(eqx_rng.vmap(one)(xs, key=key) ** 2)
 
     g = eqx.filter_jit(eqx.filter_grad(loss))(stack)
-    g_unrolled = eqx.filter_grad(unrolled_loss)(stack)
+    g_unrolled = eqx.filter_jit(eqx.filter_grad(unrolled_loss))(stack)
     assert tree_allclose(g, g_unrolled, rtol=1e-4, atol=1e-6)
 
 
