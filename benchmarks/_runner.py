@@ -46,7 +46,7 @@ def compiled_memory(fn: Callable, args: tuple) -> dict[str, int] | None:
     compiled = None
     if hasattr(fn, "lower"):
         try:
-            compiled = fn.lower(*args).compile()
+            compiled = fn.lower(*args).compile()  # type: ignore[attr-defined]
         except Exception:
             compiled = None
         # `eqx.filter_jit(...).lower(...).compile()` wraps `jax.stages.Compiled`.

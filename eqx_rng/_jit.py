@@ -217,7 +217,7 @@ class _Jitted:
                 "among the arguments; call `.lower` outside `jit`, `vmap` and `grad`."
             )
         dynamic = [s.dynamic(lv) for s, (lv, _) in zip(e.splits, flat, strict=True)]
-        return e.fn.lower(*dynamic)
+        return e.fn.lower(*dynamic)  # type: ignore[attr-defined]
 
 
 @typecheck

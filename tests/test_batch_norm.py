@@ -326,7 +326,7 @@ def test_sequential_mixes_stochastic_layers_and_batch_norm():
     )
     ys, new_state = train(xs, state, keys)
     assert ys.shape == (16, 2)
-    assert int(new_state.get(model[1].state_index)[2]) == 1
+    assert int(new_state.get(model[1].state_index)[2]) == 1  # type: ignore[attr-defined]
     ys_again, _ = train(xs, state, keys)
     assert jnp.array_equal(ys, ys_again)
     assert not jnp.array_equal(ys, train(xs, state, jr.split(jr.key(5), 16))[0])

@@ -208,6 +208,6 @@ def test_errors():
 def test_lower_gives_the_compiled_program():
     model, x = _scaled(), jnp.arange(3.0)
     fast = eqx_rng.jit(model)
-    compiled = fast.lower(x).compile()
+    compiled = fast.lower(x).compile()  # type: ignore[attr-defined]
     assert compiled.memory_analysis() is not None
     assert "eqx_rng.jit" in repr(fast)

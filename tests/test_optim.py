@@ -32,7 +32,8 @@ def test_docstring_examples(name):
 def _update(opt, grads, key, steps=1) -> tuple[Any, Any]:
     params = jax.tree.map(jnp.zeros_like, grads)
     state = opt.init(params)
-    for _ in range(steps):
+    out, state = opt.update(grads, state, params, key=key)
+    for _ in range(steps - 1):
         out, state = opt.update(grads, state, params, key=key)
     return out, state
 

@@ -99,7 +99,23 @@ def sgld(
 
 class PSGLDState(NamedTuple):
     """`psgld`'s state: the number of updates done, and the running mean of
-    squared gradients."""
+    squared gradients.
+
+    **Fields:**
+
+    - `step`: an `int32` scalar, the number of updates applied so far.
+    - `nu`: a pytree like the parameters, the exponential moving average of the
+        squared gradients that preconditions the update.
+
+    !!! Example
+
+        ```python
+        opt = eqx_rng.optim.psgld(1e-3, num_data=100)
+        state = opt.init({"w": jnp.zeros(3)})
+        assert isinstance(state, eqx_rng.optim.PSGLDState)
+        assert int(state.step) == 0 and state.nu["w"].shape == (3,)
+        ```
+    """
 
     step: jax.Array
     nu: Any
