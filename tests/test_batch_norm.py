@@ -526,3 +526,11 @@ def test_mask_with_fewer_than_two_real_elements_keeps_the_state():
         lambda xs: jnp.sum(_masked_train_fn(bn)(xs, jnp.zeros(4, bool), state)[0])
     )(xs)
     assert bool(jnp.all(jnp.isfinite(grads)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
+def test_non_floating_dtype_is_refused_naming_the_argument(dtype):
+    with pytest.raises(
+        ValueError, match=r"`BatchNorm\(dtype=...\)` must be a floating"
+    ):
+        eqx_rng.nn.BatchNorm(3, dtype=dtype)

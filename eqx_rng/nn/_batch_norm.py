@@ -180,6 +180,12 @@ class BatchNorm(eqx.nn.StatefulLayer):
                 "`BatchNorm(axis_name=...)` must name the vmapped batch axis (for "
                 "example 'batch'), got None."
             )
+        if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"`BatchNorm(dtype=...)` must be a floating dtype (float32, "
+                f"bfloat16, ...), got {dtype!r}; leave it unset for the default "
+                "floating dtype."
+            )
         param_dtype = jax.dtypes.canonicalize_dtype(
             jnp.float64 if dtype is None else dtype
         )
