@@ -4,16 +4,13 @@ import importlib.metadata as _metadata
 
 from ._custom_types import Key as Key, KeyGrid as KeyGrid
 from ._distinct import DuplicateKeyError as DuplicateKeyError
-from ._keys import (
-    as_key as as_key,
-    derive as derive,
+from ._key_grids import (
     example_keys as example_keys,
     grid_keys as grid_keys,
     id_halves as id_halves,
-    split_like as split_like,
-    string_hash as string_hash,
-    tree_normal as tree_normal,
 )
+from ._key_trees import split_like as split_like, tree_normal as tree_normal
+from ._keys import as_key as as_key, derive as derive, string_hash as string_hash
 from ._typecheck import typecheck as typecheck, typecheck_enabled as typecheck_enabled
 
 # --- vectorisation (_vmap/) ---

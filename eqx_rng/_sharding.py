@@ -16,7 +16,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
 from ._checkpoint._records import is_weak, make_weak
-from ._keys import _is_array
+from ._key_trees import _is_array
 from ._typecheck import typecheck
 
 SpecLike = PartitionSpec | str | tuple | None

@@ -161,10 +161,10 @@ def test_grid_keys_start_near_the_uint32_limit():
 
 
 def test_grid_keys_new_offsets_do_not_recompile():
-    from eqx_rng import _keys
+    from eqx_rng import _key_grids
 
     k = jr.key(0)
-    cache_size = _keys._grid._cache_size  # pyright: ignore[reportAttributeAccessIssue]
+    cache_size = _key_grids._grid._cache_size  # pyright: ignore[reportAttributeAccessIssue]
     eqx_rng.grid_keys(k, (3, 2), start=(0, 0))
     before = cache_size()
     for s in range(1, 6):

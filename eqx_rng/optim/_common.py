@@ -12,7 +12,7 @@ import optax
 from jax.core import Tracer
 
 from .._custom_types import _LEGACY_KEY_HINT
-from .._keys import tree_normal
+from .._key_trees import tree_normal
 from .._util import describe, is_typed_key
 
 
