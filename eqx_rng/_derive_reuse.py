@@ -42,7 +42,23 @@ _state = threading.local()
 class DerivedKeyReuseError(jax.errors.KeyReuseError):
     """A `jax.errors.KeyReuseError` raised inside `eqx_rng.debug.key_reuse()` whose
     message also names the keys that the block derived more than once by the same
-    path (the likely reused ones)."""
+    path (the likely reused ones).
+
+    It subclasses `jax.errors.KeyReuseError`, so code that catches JAX's error
+    catches this one too.
+
+    !!! Example
+
+        ```python
+        key = jr.key(0)
+        try:
+            with eqx_rng.debug.key_reuse():
+                a = jr.normal(eqx_rng.derive(key, "drop"))
+                b = jr.normal(eqx_rng.derive(key, "drop"))  # same path again
+        except eqx_rng.debug.DerivedKeyReuseError as e:
+            assert "'drop'" in str(e)
+        ```
+    """
 
     def __init__(self, message: str):
         # The message keeps JAX's own text and link; JAX's constructor would add a

@@ -3,6 +3,8 @@
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
+import jax.tree_util as jtu
 import numpy as np
 
 from ._custom_types import Key
@@ -63,12 +65,38 @@ def ensemble(
             f"`eqx_rng.ensemble(make, key, n)` needs `n >= 1` chains, got {n!r}."
         )
 
+    if _static_parts_hashable(make, args, kwargs):
+        chains = _build_jitted(make, int(n), args, kwargs, key)
+    else:  # an unhashable static argument cannot key jit's cache: build eagerly
+        chains = _build(make, int(n), args, kwargs, key)
+    return check_distinct_keys(chains, 0)
+
+
+def _build(make: Callable, n: int, args: tuple, kwargs: dict, key: Key) -> Any:
     def build(*, key: Key) -> Any:
         return make(*args, **kwargs, key=key)
 
     build.__qualname__ = getattr(make, "__qualname__", build.__qualname__)
-    chains = vmap(build, axis_size=int(n))(key=key)
-    return check_distinct_keys(chains, 0)
+    return vmap(build, axis_size=n)(key=key)
+
+
+# The chains are built as one compiled program: run eagerly, every operation of
+# `make` under vmap would be compiled on its own (dozens of small XLA compiles for a
+# modest model, which cost far more than the one program). `make`, `n` and the
+# non-array arguments are static (part of the cache key); array arguments are traced.
+_build_jitted = eqx.filter_jit(_build)
+
+
+def _static_parts_hashable(make: Callable, args: tuple, kwargs: dict) -> bool:
+    static = jtu.tree_leaves((args, kwargs), is_leaf=lambda x: x is None)
+    try:
+        hash(make)
+        for leaf in static:
+            if not eqx.is_array(leaf):
+                hash(leaf)
+    except TypeError:
+        return False
+    return True
 
 
 __all__ = ["ensemble"]

@@ -134,3 +134,48 @@ def test_jit_matches_eager(getkey):
     eager = eqx_rng.ensemble(eqx.nn.Linear, key, 3, 2, 2)
     jitted = eqx.filter_jit(lambda k: eqx_rng.ensemble(eqx.nn.Linear, k, 3, 2, 2))(key)
     assert _bitwise(eager, jitted)
+
+
+def test_chains_are_built_as_one_compiled_program(getkey):
+    # Run eagerly, every operation of `make` under vmap would compile on its own
+    # (18 programs for this MLP); the chains are one program instead.
+    compiles = []
+
+    def listener(name: str, secs: float, **kwargs) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    key = getkey()
+    jax.block_until_ready(eqx_rng.derive(key, 0))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        models = eqx_rng.ensemble(eqx.nn.MLP, key, 3, 5, 7, 11, 2)
+        jax.block_until_ready(models)
+        assert len(compiles) <= 1, compiles
+        compiles.clear()
+        eqx_rng.ensemble(eqx.nn.MLP, key, 3, 5, 7, 11, 2)  # cached
+        assert compiles == []
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    one = eqx.nn.MLP(5, 7, 11, 2, key=eqx_rng.derive(key, 2))
+    assert jnp.array_equal(models.layers[0].weight[2], one.layers[0].weight)
+
+
+class _Unhashable:
+    __hash__ = None  # pyright: ignore
+
+    def __init__(self, width: int):
+        self.width = width
+
+
+def test_unhashable_static_argument_is_built_eagerly(getkey):
+    key = getkey()
+
+    def make(spec, scale, *, key):
+        return eqx.nn.Linear(spec.width, 2, key=key), scale * 2
+
+    models, scales = eqx_rng.ensemble(make, key, 3, _Unhashable(4), jnp.float32(1.5))
+    assert models.weight.shape == (3, 2, 4)
+    assert jnp.array_equal(scales, jnp.full((3,), 3.0, jnp.float32))
+    one = eqx.nn.Linear(4, 2, key=eqx_rng.derive(key, 1))
+    assert jnp.array_equal(models.weight[1], one.weight)
