@@ -16,6 +16,7 @@ import pytest
 
 import eqx_rng
 from eqx_rng import _checkpoint
+from eqx_rng._checkpoint import _files
 
 
 def _bits(x):
@@ -418,7 +419,7 @@ def test_manager_ignores_and_cleans_leftovers(tmp_path):
     manager.save(3, {"w": jnp.zeros(1)})
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()  # a writer that is gone
-    host = _checkpoint._format._host()
+    host = _files._host()
     leftover = tmp_path / f".step_0000000004.ckpt.{host}.{proc.pid}.0123456789ab.tmp"
     leftover.write_bytes(b"partial")
     foreign = tmp_path / "notes.txt"

@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from eqx_rng._checkpoint import _format
+from eqx_rng._checkpoint import _files, _format
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -89,5 +89,5 @@ def test_background_errors_reach_the_caller():
         raise OSError("disk")
 
     with pytest.raises(OSError, match="disk"):
-        _format._Background(boom).result()
-    assert _format._Background(lambda: 3).result() == 3
+        _files._Background(boom).result()
+    assert _files._Background(lambda: 3).result() == 3

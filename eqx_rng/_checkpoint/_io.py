@@ -19,16 +19,8 @@ import numpy as np
 from jaxtyping import PyTree
 
 from .._typecheck import typecheck
-from ._format import (
-    align,
-    err,
-    open_file,
-    read_header,
-    read_payload,
-    remove_stale_temporaries,
-    tmp_pattern,
-    write_file,
-)
+from ._files import remove_stale_temporaries, tmp_pattern
+from ._format import align, err, open_file, read_header, read_payload, write_file
 from ._records import (
     LIBRARY_KEY,
     array_leaves,

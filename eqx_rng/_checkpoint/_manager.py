@@ -11,7 +11,8 @@ import numpy as np
 from jaxtyping import PyTree
 
 from .._typecheck import typecheck
-from ._format import err, remove_stale_temporaries, tmp_pattern
+from ._files import remove_stale_temporaries, tmp_pattern
+from ._format import err
 from ._io import load_file, save_file
 from ._records import LIBRARY_KEY, array_leaves
 from ._sharded import needs_multihost, remove_checkpoints
