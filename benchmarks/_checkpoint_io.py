@@ -196,8 +196,10 @@ def run(
     *,
     leaves: int = LEAVES,
     spread: float = 1.0,
+    pause: float = 0.0,
 ) -> dict:
-    """The whole measurement; `log` receives progress lines."""
+    """The whole measurement; `log` receives progress lines. `pause` seconds are
+    slept before each timed operation (see `--pause`)."""
     tree = make_tree(mb, leaves, spread)
     nbytes = _nbytes(tree)
     like = _like(tree)
@@ -219,6 +221,7 @@ def run(
             order = ("eqx", "eqx_rng") if r % 2 == 0 else ("eqx_rng", "eqx")
             for op in ("save", "load"):
                 for lib in order:
+                    time.sleep(pause)
                     times[f"{lib} {op}"].append(_timed(ops[f"{lib} {op}"]))
             log(
                 f"[checkpoint io] round {r + 1}/{rounds}: "
@@ -235,6 +238,7 @@ def run(
         "rounds": rounds,
         "leaves": leaves,
         "spread": spread,
+        "pause": pause,
         "rates": {k: _summary(v, nbytes) for k, v in times.items()},
         "ratio": {
             op: statistics.median(
@@ -277,6 +281,11 @@ def _fresh_load_text(results: dict) -> list[str]:
     ]
 
 
+def _pause_text(results: dict) -> str:
+    pause = results.get("pause", 0.0)
+    return f", {pause:g} s pause before each operation" if pause else ""
+
+
 def _spread_text(results: dict) -> str:
     spread = results.get("spread", 1.0)
     return "" if spread == 1.0 else f" (sizes spread {spread:g}x)"
@@ -285,7 +294,8 @@ def _spread_text(results: dict) -> str:
 def markdown(results: dict) -> str:
     lines = [
         f"## Checkpoint I/O ({results['mb']:.0f} MB, {results['leaves']} float32 "
-        f"leaves{_spread_text(results)} + a key, {results['rounds']} rounds)",
+        f"leaves{_spread_text(results)} + a key, {results['rounds']} rounds"
+        f"{_pause_text(results)})",
         "",
         "| operation | median MB/s | min-max MB/s |",
         "| --- | ---: | ---: |",
@@ -320,6 +330,15 @@ def main(argv: list[str] | None = None) -> int:
         "--spread", type=float, default=1.0, help="largest / smallest leaf size"
     )
     parser.add_argument("--dir", default=None, help="where to write (default: tmp)")
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        help="seconds slept before each operation: memory another operation "
+        "freed just before is then no longer at hand (a virtual machine that "
+        "reports free pages to its host takes them back after ~2 s), as for the "
+        "periodic saves of a training run",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -333,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         log=lambda m: print(m, file=sys.stderr),
         leaves=args.leaves,
         spread=args.spread,
+        pause=args.pause,
     )
     print(markdown(results))
     if args.json:
