@@ -216,4 +216,18 @@ def test_cached_pages_of_the_replaced_file_are_dropped_first(tmp_path, monkeypat
     assert advised == [(old_inode, 0, 0, os.POSIX_FADV_DONTNEED)]
     assert path.stat().st_ino != old_inode  # then replaced by a new file
     _files.drop_cached(tmp_path)  # not a regular file: left alone
+    (tmp_path / "link").symlink_to(path)
+    _files.drop_cached(tmp_path / "link")  # the rename would replace the link
     assert len(advised) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs")
+def test_dropping_the_cache_never_opens_a_fifo(tmp_path):
+    # Opening a FIFO for reading blocks until a writer comes: a save over one must
+    # not hang before it even starts.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    worker = threading.Thread(target=_files.drop_cached, args=(fifo,), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive()

@@ -146,13 +146,18 @@ def drop_cached(path: Path) -> None:
     reuse that memory instead of holding both copies during the save (on some
     virtual machines, touching fresh memory costs far more than reusing freed
     memory). A no-op where `posix_fadvise` does not exist (macOS, Windows) and for
-    anything but a regular file."""
+    anything but a regular file (a symlink, a FIFO, a device)."""
     fadvise = getattr(os, "posix_fadvise", None)
     if fadvise is None:  # pragma: no cover - Linux has it
         return
     try:
-        fd = os.open(path, os.O_RDONLY | _O_BINARY)
-    except OSError:  # absent (a first save) or unreadable: nothing to drop
+        # `lstat`: a symlink at `path` is what the rename replaces, not its target;
+        # a FIFO or device is never opened (opening a FIFO would block).
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK
+        fd = os.open(path, flags)
+    except OSError:  # absent (a first save), unreadable or replaced meanwhile
         return
     try:
         if stat.S_ISREG(os.fstat(fd).st_mode):
