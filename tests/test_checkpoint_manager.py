@@ -276,3 +276,23 @@ def test_shard_and_chain_mesh_refuse_repeated_axis_names():
     with pytest.raises(ValueError, match="repeats the axis name 'a'"):
         eqx_rng.chain_mesh((1, 1), ("a", "a"))
     assert jax.device_count() >= 1
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_save_drops_the_cache_of_the_checkpoint_it_will_prune(tmp_path, monkeypatch):
+    manager = eqx_rng.CheckpointManager(tmp_path, keep=2)
+    manager.save(1, {"w": jnp.zeros(3)})
+    manager.save(2, {"w": jnp.ones(3)})
+    oldest = manager.path(1).stat().st_ino
+    real_fadvise = os.posix_fadvise
+    advised = []
+
+    def fadvise(fd, offset, length, advice):
+        # Dropped while the file is still there, before the new one is written.
+        advised.append((os.fstat(fd).st_ino, manager.path(3).exists()))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(_files.os, "posix_fadvise", fadvise)
+    manager.save(3, {"w": jnp.full(3, 2.0)})
+    assert advised == [(oldest, False)]
+    assert manager.steps() == [2, 3]
