@@ -227,7 +227,8 @@ def sgld_schedule(cfg: Config, num_data: int) -> Callable[[Any], Any]:
     length = cfg.sgld_cycle_steps
 
     def schedule(t: Any) -> Any:
-        return 0.5 * eps0 * (jnp.cos(jnp.pi * (t % length) / length) + 1.0)
+        position = jnp.asarray(t % length, jnp.float32) / length  # in [0, 1)
+        return 0.5 * eps0 * (jnp.cos(jnp.pi * position) + 1.0)
 
     return schedule
 
@@ -473,28 +474,34 @@ def write_plots(
 
 
 def plot_losses(out: Path, cfg: Config, log: list[dict[str, Any]]) -> None:
-    """Training NLL (solid) and KL / N (dashed) per head, mean over chains, one point
-    per fused call of steps."""
+    """Training NLL (solid) and the regulariser per example (dashed: KL / N for the
+    Bayesian heads, `-log p(theta) / N` for SGLD) per head, mean over chains, one
+    point per fused call of steps."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    terms = {
+        "NLL": lambda r: r["nll"],
+        "KL / N": lambda r: r["kl"],
+        "-log prior / N": lambda r: r["loss"] - r["nll"] - r["kl"],
+    }
     for i, head in enumerate(HEADS):
         k = cfg.sgld_thin if head == "sgld" else cfg.steps_per_call
         rows = [r for r in log if r["head"] == head]
         steps = np.array(sorted({r["step"] for r in rows}))
-        for name, style in (("nll", "-"), ("kl", "--")):
+        shown = ("NLL", "-log prior / N" if head == "sgld" else "KL / N")
+        for name, style in zip(shown, ("-", "--"), strict=True):
             per_step = {s: [] for s in steps.tolist()}
             for r in rows:
-                per_step[r["step"]].append(r[name])
+                per_step[r["step"]].append(terms[name](r))
             means = np.array([np.mean(per_step[s]) for s in steps.tolist()])
-            if name == "kl" and not means.any():
+            if not means.any():
                 continue
-            label = f"{head}: {'NLL' if name == 'nll' else 'KL / N'}"
             ax.plot(
                 *_common.block_means(steps, means, k),
                 style,
                 color=f"C{i}",
                 marker="o",
                 ms=3,
-                label=label,
+                label=f"{head}: {name}",
             )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss terms (mean of a call's steps and the chains)")
@@ -504,7 +511,7 @@ def plot_losses(out: Path, cfg: Config, log: list[dict[str, Any]]) -> None:
     _common.finish(
         fig,
         out / "learning_curves.png",
-        f"uncertainty: training NLL and KL / N, {cfg.chains} chains per head",
+        f"uncertainty: training NLL and regulariser, {cfg.chains} chains per head",
     )
 
 
