@@ -194,7 +194,9 @@ def neg_log_prior(model: CNN, prior_std: float) -> Array:
     every weight, bias and BatchNorm affine parameter (not the dropout rate)."""
     params = (model.conv1, model.conv2, model.norm1, model.norm2, model.head)
     leaves = jax.tree.leaves(eqx.filter(params, eqx.is_inexact_array))
-    return sum(jnp.sum(leaf**2) for leaf in leaves) / (2 * prior_std**2)
+    return sum((jnp.sum(leaf**2) for leaf in leaves), jnp.zeros(())) / (
+        2 * prior_std**2
+    )
 
 
 def batch_logits(
@@ -411,6 +413,7 @@ def evaluate(cfg: Config, preds: dict[str, Any], labels: np.ndarray) -> dict[str
     plotted: dict[str, list[np.ndarray]] = {}
     score = lambda p: method_metrics(p, labels, cfg.ece_bins)
     for method, (probs, pooled, networks) in methods.items():
+        r: dict[str, Any]
         if pooled:
             row = score(probs.mean(axis=0))
             loo = [score(np.delete(probs, c, axis=0).mean(axis=0)) for c in range(len(probs))]  # fmt: skip
