@@ -1,5 +1,6 @@
-"""Uncertainty on 8x8 digits: MAP, MC dropout, deep ensemble, Bayes by Backprop and
-Flipout, each trained as C chains in one program, compared on one test split.
+"""Uncertainty on 8x8 digits: MAP, MC dropout, deep ensemble, Bayes by Backprop,
+Flipout and SGLD, each trained as C chains in one program, compared on one test
+split.
 
 Model (one example of shape (1, 8, 8); batching is vmap):
 
@@ -7,7 +8,7 @@ Model (one example of shape (1, 8, 8); batching is vmap):
     -> Conv 3x3 stride 2 -> BatchNorm -> ReLU -> channel Dropout -> flatten -> head
 
 Channel dropout is `eqx_rng.nn.Dropout(p, broadcast_dims=(1, 2))` (whole feature
-maps). Three heads, each trained as `--seeds` chains (`eqx_rng.ensemble` builds them,
+maps). Four heads, each trained as `--seeds` chains (`eqx_rng.ensemble` builds them,
 `eqx_rng.vmap` trains them together with `make_train_step`):
 
 - `linear`: an `eqx.nn.Linear` head. Gives MAP (inference mode), MC dropout
@@ -15,15 +16,24 @@ maps). Three heads, each trained as `--seeds` chains (`eqx_rng.ensemble` builds 
   `eqx_rng.vmap(..., in_axes=None, axis_size=T)`) and the deep ensemble (the mean of
   the chains' MAP predictions).
 - `bayes`: `eqx_rng.nn.BayesLinear` (Bayes by Backprop: one weight sample per
-  minibatch, drawn from `weight_key=`; loss = NLL + KL / N).
+  minibatch, its key passed to every example as `eqx_rng.shared(weight_key)`;
+  loss = NLL + KL / N).
 - `flipout`: `BayesLinear(flipout=True)`: the same shared weight draw, decorrelated
   per example by sign vectors drawn from each example's key.
+- `sgld`: the network without dropout, sampled by `eqx_rng.optim.sgld` at
+  temperature 1 (likelihood scaled to the N training examples, N(0, prior_std^2)
+  prior) with the cyclical cosine step size of cSG-MCMC (Zhang et al. 2020); in the
+  last `sgld_sample_steps` of each cycle one state every `sgld_thin` steps is kept
+  and predicts in inference mode.
 
 Bayesian predictions average T samples under `mc_mode` (weights and dropout both
 sampled). Metrics: accuracy, NLL, ECE (15 bins) and the mean predictive entropy on
-right and wrong predictions, mean +- std over chains (the ensemble is one number).
+right and wrong predictions, mean +- std over chains; the pooled methods (deep
+ensemble, SGLD over chains x samples) are one predictive distribution each, with
+the jackknife standard error over chains.
 
-    python experiments/uncertainty.py [--tiny] [--seed S] [--seeds C] [--out DIR]
+    python experiments/uncertainty.py [--tiny] [--seed S] [--seeds C] [--temperature T]
+        [--out DIR]
 
 Writes to `--out`: `metrics.jsonl`, `summary.json`, `learning_curves.png`,
 `reliability.png`.
@@ -123,6 +133,8 @@ class Config:
                 problems.append(
                     f"{name}={getattr(self, name)} must be a multiple of sgld_thin={self.sgld_thin}"
                 )
+        if not self.temperature >= 0:
+            problems.append(f"--temperature must be >= 0, got {self.temperature}")
         if problems:
             raise _common.UsageError("; ".join(problems) + ".")
 
@@ -243,61 +255,23 @@ def is_sample_step(cfg: Config, step: int) -> bool:
     return in_stage and step % cfg.sgld_thin == 0
 
 
-def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Any]:
-    """Jitted `init(key) -> ts` and `advance(ts) -> (ts, metrics)` for the C chains
-    of `head`, `predict(ts, key) -> (MAP probs (C, m, k), sampled probs (C, T, m,
-    k))`, `predict_map(ts) -> (C, m, k)`, and the run's `steps` and
-    `steps_per_call`."""
-    x_train = jnp.asarray(data.x_train).reshape(-1, 1, 8, 8)
-    y_train = jnp.asarray(data.y_train)
-    x_test = jnp.asarray(data.x_test).reshape(-1, 1, 8, 8)
-    n_train = x_train.shape[0]
-    steps_per_epoch = n_train // cfg.batch_size
+def make_optimizer(cfg: Config, head: str, n_train: int) -> tuple[Any, int, int]:
+    """The optimizer of `head`, its number of steps and steps per call."""
     if head == "sgld":
         # The tempered posterior p(theta | D)^(1 / T): likelihood scaled by the data
-        # size N (the loss below is a per-example mean), prior N(0, prior_std^2).
+        # size N (the loss is a per-example mean), prior N(0, prior_std^2).
         optimizer = eqx_rng.optim.sgld(
             sgld_schedule(cfg, n_train), temperature=cfg.temperature, num_data=n_train
         )
-        total, per_call = cfg.sgld_steps, cfg.sgld_thin
-    else:
-        schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
-        optimizer = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-        total, per_call = cfg.steps, cfg.steps_per_call
+        return optimizer, cfg.sgld_steps, cfg.sgld_thin
+    schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
+    optimizer = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    return optimizer, cfg.steps, cfg.steps_per_call
 
-    def loss_fn(model: CNN, state: eqx.nn.State, batch: Any, *, key: Any) -> Any:
-        xs, ys = batch
-        logits, state = batch_logits(model, state, xs, key=key)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
-        kl = eqx_rng.nn.kl_divergence(model) / n_train
-        loss = nll + kl
-        if head == "sgld":  # the negative log joint per example
-            loss = loss + neg_log_prior(model, cfg.prior_std) / n_train
-        return loss, (state, {"loss": loss, "nll": nll, "kl": kl})
 
-    step = eqx_rng.make_train_step(loss_fn, optimizer, steps_per_call=per_call)
-
-    def init(key: PRNGKeyArray) -> Any:
-        models, states = eqx_rng.ensemble(
-            eqx.nn.make_with_state(CNN), eqx_rng.derive(key, "init", head), cfg.chains,
-            cfg, head,
-        )  # fmt: skip
-        keys = eqx_rng.grid_keys(eqx_rng.derive(key, "train", head), (cfg.chains,))
-        create = lambda m, s, k: eqx_rng.TrainState.create(m, optimizer, key=k, state=s)
-        return eqx_rng.vmap(create)(models, states, keys)
-
-    def advance_chain(ts: Any) -> Any:
-        steps = ts.step + jnp.arange(per_call)
-
-        def indices(t: Any) -> Any:
-            epoch, pos = t // steps_per_epoch, t % steps_per_epoch
-            perm = jr.permutation(eqx_rng.derive(ts.key, "data", epoch), n_train)
-            return jax.lax.dynamic_slice_in_dim(
-                perm, pos * cfg.batch_size, cfg.batch_size
-            )
-
-        idx = jax.vmap(indices)(steps)
-        return step(ts, (x_train[idx], y_train[idx]))
+def make_predictors(cfg: Config, x_test: Array) -> tuple[Callable, Callable]:
+    """`predict(ts, key) -> (MAP probs (C, m, k), sampled probs (C, T, m, k))` and
+    `predict_map(ts) -> (C, m, k)` on `x_test`, for chain-batched `ts`."""
 
     @eqx.filter_jit
     def map_probs(model: CNN, state: eqx.nn.State) -> Array:
@@ -335,6 +309,56 @@ def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Any]:
         ]
         return predict_map(ts), jnp.stack(sampled)
 
+    return predict, predict_map
+
+
+def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Any]:
+    """Jitted `init(key) -> ts` and `advance(ts) -> (ts, metrics)` for the C chains
+    of `head`, `predict(ts, key) -> (MAP probs (C, m, k), sampled probs (C, T, m,
+    k))`, `predict_map(ts) -> (C, m, k)`, and the run's `steps` and
+    `steps_per_call`."""
+    x_train = jnp.asarray(data.x_train).reshape(-1, 1, 8, 8)
+    y_train = jnp.asarray(data.y_train)
+    x_test = jnp.asarray(data.x_test).reshape(-1, 1, 8, 8)
+    n_train = x_train.shape[0]
+    steps_per_epoch = n_train // cfg.batch_size
+    optimizer, total, per_call = make_optimizer(cfg, head, n_train)
+
+    def loss_fn(model: CNN, state: eqx.nn.State, batch: Any, *, key: Any) -> Any:
+        xs, ys = batch
+        logits, state = batch_logits(model, state, xs, key=key)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
+        kl = eqx_rng.nn.kl_divergence(model) / n_train
+        loss = nll + kl
+        if head == "sgld":  # the negative log joint per example
+            loss = loss + neg_log_prior(model, cfg.prior_std) / n_train
+        return loss, (state, {"loss": loss, "nll": nll, "kl": kl})
+
+    step = eqx_rng.make_train_step(loss_fn, optimizer, steps_per_call=per_call)
+
+    def init(key: PRNGKeyArray) -> Any:
+        models, states = eqx_rng.ensemble(
+            eqx.nn.make_with_state(CNN), eqx_rng.derive(key, "init", head), cfg.chains,
+            cfg, head,
+        )  # fmt: skip
+        keys = eqx_rng.grid_keys(eqx_rng.derive(key, "train", head), (cfg.chains,))
+        create = lambda m, s, k: eqx_rng.TrainState.create(m, optimizer, key=k, state=s)
+        return eqx_rng.vmap(create)(models, states, keys)
+
+    def advance_chain(ts: Any) -> Any:
+        steps = ts.step + jnp.arange(per_call)
+
+        def indices(t: Any) -> Any:
+            epoch, pos = t // steps_per_epoch, t % steps_per_epoch
+            perm = jr.permutation(eqx_rng.derive(ts.key, "data", epoch), n_train)
+            return jax.lax.dynamic_slice_in_dim(
+                perm, pos * cfg.batch_size, cfg.batch_size
+            )
+
+        idx = jax.vmap(indices)(steps)
+        return step(ts, (x_train[idx], y_train[idx]))
+
+    predict, predict_map = make_predictors(cfg, x_test)
     return {
         "init": eqx.filter_jit(init),
         "advance": eqx.filter_jit(eqx_rng.vmap(advance_chain)),
@@ -528,11 +552,20 @@ def main(argv: list[str] | None = None) -> int:
         out="runs/uncertainty",
         seeds_help="chains per head (default: 4; 2 with --tiny)",
     )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="SGLD's posterior temperature (default: 1, the Bayes posterior; < 1 is a cold posterior)",
+    )
     _common.add_no_progress(parser)
     args = parser.parse_args(argv)
     cfg = Config.tiny() if args.tiny else Config()
     if args.seeds is not None:
         cfg = dataclasses.replace(cfg, chains=args.seeds)
+    if args.temperature is not None:
+        cfg = dataclasses.replace(cfg, temperature=args.temperature)
     try:
         cfg.validate()
     except _common.UsageError as e:
