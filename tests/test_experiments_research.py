@@ -74,7 +74,8 @@ def test_uncertainty_tiny(tmp_path):
 def test_sgld_sampling_schedule():
     uncertainty = _module("uncertainty")
     cfg = uncertainty.Config()
-    kept = [t for t in range(1, cfg.sgld_steps + 1) if uncertainty.is_sample_step(cfg, t)]  # fmt: skip
+    steps = range(1, cfg.sgld_steps + 1)
+    kept = [t for t in steps if uncertainty.is_sample_step(cfg, t)]
     # the last 100 steps of each 500-step cycle, every 25th step
     assert kept == [c * 500 + s for c in range(4) for s in (425, 450, 475, 500)]
     assert len(kept) == cfg.sgld_samples
