@@ -8,6 +8,7 @@ import json
 import math
 import sys
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -98,16 +99,21 @@ def test_bayes_heads_share_one_weight_sample():
     cfg = uncertainty.Config.tiny()
     feats = jr.normal(jr.key(0), (6, 2 * cfg.channels * 16))
     key, weight_key = jr.key(1), jr.key(2)
-    for head in ("bayes", "flipout"):
+
+    def both(head):  # one compiled program per head, not hundreds of eager ops
         model = uncertainty.CNN(cfg, head, key=jr.key(3))
         got = model.logits(feats, key=key, weight_key=weight_key)
         keys = eqx_rng.grid_keys(key, (feats.shape[0],))
-        explicit = jax.vmap(
-            lambda f, k, m=model: m.head(f, key=k, weight_key=weight_key)
-        )(feats, keys)
-        assert bool(jnp.all(got == explicit))
+        explicit = jax.vmap(lambda f, k: model.head(f, key=k, weight_key=weight_key))(
+            feats, keys
+        )
         # the weight draw comes from weight_key: another one changes every output
         other = model.logits(feats, key=key, weight_key=jr.key(4))
+        return got, explicit, other
+
+    for head in ("bayes", "flipout"):
+        got, explicit, other = eqx.filter_jit(both)(head)
+        assert bool(jnp.all(got == explicit))
         assert bool(jnp.all(jnp.any(other != got, axis=-1)))
 
 
