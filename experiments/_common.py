@@ -4,6 +4,8 @@ Nothing here draws random numbers: every experiment derives its keys itself, fro
 names and indices, with the public `eqx_rng` API.
 """
 
+import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -12,16 +14,19 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import matplotlib as mpl
 
 mpl.use("Agg")  # files only, no display needed
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+import eqx_rng  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 _UMASK = os.umask(0)
@@ -84,6 +89,82 @@ def git_commit() -> str | None:
     return f"{head}+dirty" if dirty else head
 
 
+# -------------------------------------------------------------------------------- CLI
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer `>= 1`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def experiment_parser(
+    prog: str | None,
+    description: str,
+    *,
+    out: str,
+    seed_help: str = "base seed (default: %(default)s)",
+    seeds_help: str | None = None,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """The flags every experiment takes: `--out` (default `out`), `--seed`, `--seeds
+    N` (only with `seeds_help`) and `--tiny`. Add the script's own flags after."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+    parser.add_argument(
+        "--out", default=out, help="output directory (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    if seeds_help is not None:
+        parser.add_argument(
+            "--seeds", type=positive_int, default=None, metavar="N", help=seeds_help
+        )
+    parser.add_argument(
+        "--tiny", action="store_true", help="smoke configuration of a few seconds"
+    )
+    return parser
+
+
+def add_no_progress(parser: argparse.ArgumentParser) -> None:
+    """The `--no-progress` flag (no progress bar)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def out_dir_or_exit(parser: argparse.ArgumentParser, path: str) -> Path:
+    """`prepare_out_dir(path)`; on a `UsageError` the parser prints it and exits 2."""
+    try:
+        return prepare_out_dir(path)
+    except UsageError as e:
+        parser.error(str(e))
+
+
+@contextlib.contextmanager
+def compile_fast(enabled: bool) -> Iterator[None]:
+    """With `enabled`, XLA skips most optimisations (`jax_disable_most_optimizations`)
+    inside the block: smoke runs (`--tiny`) spend most of their time compiling.
+
+    That setting is not part of JAX's compilation cache key, so on leaving the block
+    the setting is restored and `jax.clear_caches()` drops what was compiled, so
+    that no later computation in the process reuses a less-optimised executable.
+    """
+    if not enabled:
+        yield
+        return
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+        jax.clear_caches()
+
+
 # ------------------------------------------------------------------------ output files
 
 
@@ -134,6 +215,15 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_summary(path: Path, fields: dict[str, Any]) -> None:
+    """Write `fields` as JSON, followed by `git_commit` (see `git_commit`) and
+    `doctor` (`eqx_rng.debug.doctor()`: versions and PRNG settings of the run)."""
+    write_json(
+        path,
+        {**fields, "git_commit": git_commit(), "doctor": eqx_rng.debug.doctor()},
+    )
 
 
 class JsonlLog:
@@ -304,6 +394,15 @@ def mc_dropout_stats(mc_probs: np.ndarray, labels: np.ndarray) -> dict[str, floa
     }
 
 
+def jackknife_se(values: Sequence[float] | np.ndarray) -> float:
+    """The jackknife standard error from leave-one-out values `x_i`:
+    `sqrt((n - 1) / n * sum_i (x_i - mean(x))**2)` (0 for fewer than two)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return 0.0
+    return float(np.sqrt((v.size - 1) / v.size * np.sum((v - v.mean()) ** 2)))
+
+
 def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Mean and sample standard deviation (`ddof=1`; 0 for a single value)."""
     v = np.asarray(values, dtype=np.float64)
@@ -344,6 +443,20 @@ def _looks_numeric(text: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ plots
+
+
+def block_means(
+    steps: np.ndarray, values: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Means of consecutive blocks of `k` entries along the last axis of `values`
+    (an incomplete last block is dropped), and the last step of each block.
+
+    Per-step training losses are too noisy to read; experiments plot one point per
+    fused call of `k` steps.
+    """
+    blocks = values.shape[-1] // k
+    means = values[..., : blocks * k].reshape(*values.shape[:-1], blocks, k).mean(-1)
+    return steps[k - 1 : blocks * k : k], means
 
 
 def plot_learning_curves(

@@ -503,13 +503,13 @@ def write_plots(
 
     # The training loss is plotted as its mean over each fused call's steps (one
     # point per `steps_per_call` steps): a minibatch's loss alone is too noisy to read.
-    per_step = grid(steps, "train_loss")
-    k = cfg.steps_per_call
-    blocks = len(steps) // k
+    train_steps, train_loss = _common.block_means(
+        steps, grid(steps, "train_loss"), cfg.steps_per_call
+    )
     _common.plot_learning_curves(
         out / "learning_curves.png",
-        train_steps=steps[k - 1 : blocks * k : k],
-        train_loss=per_step[:, : blocks * k].reshape(cfg.chains, blocks, k).mean(-1),
+        train_steps=train_steps,
+        train_loss=train_loss,
         eval_steps=e_steps,
         test_accuracy=grid(e_steps, "test_accuracy"),
         test_nll=grid(e_steps, "test_nll"),
@@ -587,41 +587,13 @@ def check_resumable(out: Path, cfg: Config, seed: int) -> Path:
 # ------------------------------------------------------------------------------- CLI
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive integer, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="digits.py",
-        description="Train C seeds of a stochastic MLP on 8x8 digits as one program; report accuracy, NLL, ECE and MC dropout.",
-    )
-    parser.add_argument(
-        "--out", default="runs/digits", help="output directory (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="base seed; chain c uses derive(seed, ..., c) (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seeds",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="number of seeds (chains) trained at once (default: 8; 2 with --tiny)",
-    )
-    parser.add_argument(
-        "--tiny", action="store_true", help="smoke configuration of a few seconds"
+    parser = _common.experiment_parser(
+        "digits.py",
+        "Train C seeds of a stochastic MLP on 8x8 digits as one program; report accuracy, NLL, ECE and MC dropout.",
+        out="runs/digits",
+        seed_help="base seed; chain c uses derive(seed, ..., c) (default: %(default)s)",
+        seeds_help="number of seeds (chains) trained at once (default: 8; 2 with --tiny)",
     )
     parser.add_argument(
         "--resume",
@@ -630,12 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stop-after",
-        type=positive_int,
+        type=_common.positive_int,
         default=None,
         metavar="STEP",
         help="checkpoint and stop once STEP steps are done (continue later with --resume)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common.add_no_progress(parser)
     return parser
 
 
@@ -756,10 +728,8 @@ def run(
         **run_identity(cfg, seed),
         "results": {k: v for k, v in results.items() if not k.startswith("_")},
         "wall_time_s": {"train": train_time, "total": wall},
-        "git_commit": _common.git_commit(),
-        "doctor": eqx_rng.debug.doctor(),
     }
-    _common.write_json(out / "summary.json", summary)
+    _common.write_summary(out / "summary.json", summary)
     print(
         f"wall time {wall:.1f} s; wrote {out}/summary.json, metrics.jsonl, learning_curves.png, reliability.png, {CHECKPOINT_DIR}/"
     )

@@ -21,7 +21,6 @@ which also switches on `MultiheadAttention`'s dropout).
 Writes to `--out`: `metrics.jsonl`, `summary.json`, `learning_curves.png`.
 """
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -60,13 +59,14 @@ class Config:
     steps_per_call: int = 50
     learning_rate: float = 3e-3
     mc_samples: int = 20
+    fast_compile: bool = False  # XLA without most optimisations (smoke runs only)
 
     @classmethod
     def tiny(cls) -> "Config":
-        """A smoke configuration that runs in a few seconds."""
+        """A smoke configuration that runs in a few seconds (after compiling)."""
         return cls(
             hidden=8, width=8, heads=2, layers=2, batch_size=16, steps=10,
-            steps_per_call=5, mc_samples=2,
+            steps_per_call=5, mc_samples=2, fast_compile=True,
         )  # fmt: skip
 
 
@@ -217,39 +217,28 @@ def train_model(
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sequence.py",
-        description="A GRU with locked dropout and a LayerStack transformer on digit rows.",
-    )
-    parser.add_argument(
-        "--out", default="runs/sequence", help="output directory (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="base seed (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--tiny", action="store_true", help="smoke configuration of a few seconds"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = _common.experiment_parser(
+        "sequence.py",
+        "A GRU with locked dropout and a LayerStack transformer on digit rows.",
+        out="runs/sequence",
+    )
+    _common.add_no_progress(parser)
     args = parser.parse_args(argv)
     cfg = Config.tiny() if args.tiny else Config()
-    try:
-        out = _common.prepare_out_dir(args.out)
-    except _common.UsageError as e:
-        parser.error(str(e))
-    key = eqx_rng.as_key(args.seed)
+    out = _common.out_dir_or_exit(parser, args.out)
+    with _common.compile_fast(cfg.fast_compile):
+        return run(cfg, args.seed, out, show_progress=not args.no_progress)
+
+
+def run(cfg: Config, seed: int, out: Path, *, show_progress: bool) -> int:
+    key = eqx_rng.as_key(seed)
     data = _common.load_digits_split()
     log = _common.JsonlLog(out / "metrics.jsonl")
     log.reset()
     start = time.perf_counter()
     bar = _common.progress(
-        len(MODELS) * cfg.steps, "training", disable=args.no_progress
+        len(MODELS) * cfg.steps, "training", disable=not show_progress
     )
 
     def on_chunk(name: str, step: int, losses: np.ndarray) -> None:
@@ -284,15 +273,32 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
+    plot_losses(out, cfg, log.read())
+    _common.write_summary(
+        out / "summary.json",
+        {
+            "experiment": "sequence",
+            "config": _common.config_dict(cfg),
+            "seed": seed,
+            "results": results,
+            "wall_time_s": wall,
+        },
+    )
+    print(
+        f"wall time {wall:.1f} s; wrote {out}/summary.json, metrics.jsonl, learning_curves.png"
+    )
+    return 0
+
+
+def plot_losses(out: Path, cfg: Config, records: list[dict[str, Any]]) -> None:
+    """Training loss per model, one point per fused call (mean of its steps)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    records = log.read()
     for name in MODELS:
-        losses = np.array([r["loss"] for r in records if r["model"] == name])
-        k = cfg.steps_per_call
-        blocks = len(losses) // k
+        mine = [r for r in records if r["model"] == name]
+        steps = np.array([r["step"] for r in mine])
+        losses = np.array([r["loss"] for r in mine])
         ax.plot(
-            np.arange(1, blocks + 1) * k,
-            losses[: blocks * k].reshape(blocks, k).mean(1),
+            *_common.block_means(steps, losses, cfg.steps_per_call),
             marker="o",
             ms=3,
             label=name,
@@ -307,20 +313,6 @@ def main(argv: list[str] | None = None) -> int:
         out / "learning_curves.png",
         "digit rows as sequences: GRU (locked dropout) and LayerStack transformer",
     )
-    summary = {
-        "experiment": "sequence",
-        "config": _common.config_dict(cfg),
-        "seed": args.seed,
-        "results": results,
-        "wall_time_s": wall,
-        "git_commit": _common.git_commit(),
-        "doctor": eqx_rng.debug.doctor(),
-    }
-    _common.write_json(out / "summary.json", summary)
-    print(
-        f"wall time {wall:.1f} s; wrote {out}/summary.json, metrics.jsonl, learning_curves.png"
-    )
-    return 0
 
 
 if __name__ == "__main__":

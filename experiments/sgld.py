@@ -691,21 +691,12 @@ def plot(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="SGLD on Bayesian linear regression, checked against the exact posterior.",
+    parser = _common.experiment_parser(
+        None,
+        "SGLD on Bayesian linear regression, checked against the exact posterior.",
+        out="runs/sgld",
+        seed_help="seed of the data and the chains (default: %(default)s)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--out", default="runs/sgld", help="output directory (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the data and the chains (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--tiny", action="store_true", help="smoke configuration of a few seconds"
     )
     parser.add_argument(
         "--broken",
@@ -788,10 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         "mixture": mixture,
         "broadcast_key_error": caught,
         "wall_time_s": wall,
-        "git_commit": _common.git_commit(),
-        "doctor": eqx_rng.debug.doctor(),
     }
-    _common.write_json(out / f"{name}.json", summary)
+    _common.write_summary(out / f"{name}.json", summary)
     print(f"wrote {out / (name + '.png')} and {out / (name + '.json')}")
 
     if args.broken:

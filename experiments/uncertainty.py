@@ -1,5 +1,6 @@
-"""Uncertainty on 8x8 digits: MAP, MC dropout, deep ensemble, Bayes by Backprop and
-Flipout, each trained as C chains in one program, compared on one test split.
+"""Uncertainty on 8x8 digits: MAP, MC dropout, deep ensemble, Bayes by Backprop,
+Flipout and SGLD, each trained as C chains in one program, compared on one test
+split.
 
 Model (one example of shape (1, 8, 8); batching is vmap):
 
@@ -7,7 +8,7 @@ Model (one example of shape (1, 8, 8); batching is vmap):
     -> Conv 3x3 stride 2 -> BatchNorm -> ReLU -> channel Dropout -> flatten -> head
 
 Channel dropout is `eqx_rng.nn.Dropout(p, broadcast_dims=(1, 2))` (whole feature
-maps). Three heads, each trained as `--seeds` chains (`eqx_rng.ensemble` builds them,
+maps). Four heads, each trained as `--seeds` chains (`eqx_rng.ensemble` builds them,
 `eqx_rng.vmap` trains them together with `make_train_step`):
 
 - `linear`: an `eqx.nn.Linear` head. Gives MAP (inference mode), MC dropout
@@ -15,21 +16,29 @@ maps). Three heads, each trained as `--seeds` chains (`eqx_rng.ensemble` builds 
   `eqx_rng.vmap(..., in_axes=None, axis_size=T)`) and the deep ensemble (the mean of
   the chains' MAP predictions).
 - `bayes`: `eqx_rng.nn.BayesLinear` (Bayes by Backprop: one weight sample per
-  minibatch, drawn from `weight_key=`; loss = NLL + KL / N).
+  minibatch, its key passed to every example as `eqx_rng.shared(weight_key)`;
+  loss = NLL + KL / N).
 - `flipout`: `BayesLinear(flipout=True)`: the same shared weight draw, decorrelated
   per example by sign vectors drawn from each example's key.
+- `sgld`: the network without dropout, sampled by `eqx_rng.optim.sgld` at
+  temperature 1 (likelihood scaled to the N training examples, N(0, prior_std^2)
+  prior) with the cyclical cosine step size of cSG-MCMC (Zhang et al. 2020); in the
+  last `sgld_sample_steps` of each cycle one state every `sgld_thin` steps is kept
+  and predicts in inference mode.
 
 Bayesian predictions average T samples under `mc_mode` (weights and dropout both
 sampled). Metrics: accuracy, NLL, ECE (15 bins) and the mean predictive entropy on
-right and wrong predictions, mean +- std over chains (the ensemble is one number).
+right and wrong predictions, mean +- std over chains; the pooled methods (deep
+ensemble, SGLD over chains x samples) are one predictive distribution each, with
+the jackknife standard error over chains.
 
-    python experiments/uncertainty.py [--tiny] [--seed S] [--seeds C] [--out DIR]
+    python experiments/uncertainty.py [--tiny] [--seed S] [--seeds C] [--temperature T]
+        [--out DIR]
 
 Writes to `--out`: `metrics.jsonl`, `summary.json`, `learning_curves.png`,
 `reliability.png`.
 """
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -51,8 +60,16 @@ import eqx_rng
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-HEADS = ("linear", "bayes", "flipout")
-METHODS = ("MAP", "MC dropout", "deep ensemble", "Bayes by Backprop", "Flipout")
+HEADS = ("linear", "bayes", "flipout", "sgld")
+METHODS = (
+    "MAP",
+    "MC dropout",
+    "deep ensemble",
+    "Bayes by Backprop",
+    "Flipout",
+    "SGLD, one chain",
+    "SGLD",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +88,55 @@ class Config:
     prior_std: float = 1.0
     mc_samples: int = 20
     ece_bins: int = 15
+    # SGLD: cyclical cosine step size (cSG-MCMC, Zhang et al. 2020), `sgld_cycles`
+    # cycles of `sgld_cycle_steps`; in the last `sgld_sample_steps` of each cycle
+    # one posterior sample every `sgld_thin` steps.
+    sgld_cycles: int = 4
+    sgld_cycle_steps: int = 500
+    sgld_sample_steps: int = 100
+    sgld_thin: int = 25
+    sgld_lr: float = 0.1  # peak step on the minibatch mean loss; eps0 = 2 lr / N
+    temperature: float = 1.0  # 1: the Bayes posterior (no cold posterior)
+    fast_compile: bool = False  # XLA without most optimisations (smoke runs only)
 
     @classmethod
     def tiny(cls) -> "Config":
-        """A smoke configuration that runs in a few seconds."""
+        """A smoke configuration that runs in a few seconds (after compiling)."""
         return cls(
-            chains=2,
-            channels=2,
-            batch_size=16,
-            steps=20,
-            steps_per_call=10,
-            mc_samples=3,
-        )
+            chains=2, channels=2, batch_size=16, steps=10, steps_per_call=5,
+            mc_samples=2, sgld_cycles=2, sgld_cycle_steps=10, sgld_sample_steps=10,
+            sgld_thin=5, fast_compile=True,
+        )  # fmt: skip
+
+    @property
+    def sgld_steps(self) -> int:
+        return self.sgld_cycles * self.sgld_cycle_steps
+
+    @property
+    def sgld_samples(self) -> int:
+        """Posterior samples per chain."""
+        return self.sgld_cycles * (self.sgld_sample_steps // self.sgld_thin)
+
+    def validate(self) -> None:
+        """Raise `UsageError` for a configuration that cannot run."""
+        problems = []
+        if self.steps % self.steps_per_call:
+            problems.append(
+                f"steps={self.steps} must be a multiple of steps_per_call={self.steps_per_call}"
+            )
+        if not 0 < self.sgld_sample_steps <= self.sgld_cycle_steps:
+            problems.append(
+                f"sgld_sample_steps={self.sgld_sample_steps} must be in [1, sgld_cycle_steps={self.sgld_cycle_steps}]"
+            )
+        for name in ("sgld_cycle_steps", "sgld_sample_steps"):
+            if getattr(self, name) % self.sgld_thin:
+                problems.append(
+                    f"{name}={getattr(self, name)} must be a multiple of sgld_thin={self.sgld_thin}"
+                )
+        if not self.temperature >= 0:
+            problems.append(f"--temperature must be >= 0, got {self.temperature}")
+        if problems:
+            raise _common.UsageError("; ".join(problems) + ".")
 
 
 # ------------------------------------------------------------------------------ model
@@ -106,9 +160,11 @@ class CNN(eqx.Module):
         )
         self.norm1 = eqx_rng.nn.BatchNorm(c, momentum=cfg.bn_momentum)
         self.norm2 = eqx_rng.nn.BatchNorm(2 * c, momentum=cfg.bn_momentum)
-        self.dropout = eqx_rng.nn.Dropout(cfg.dropout, broadcast_dims=(1, 2))
+        # SGLD samples the posterior of the network without dropout.
+        p = 0.0 if head == "sgld" else cfg.dropout
+        self.dropout = eqx_rng.nn.Dropout(p, broadcast_dims=(1, 2))
         features, head_key = 2 * c * 16, eqx_rng.derive(key, "head")
-        if head == "linear":
+        if head in ("linear", "sgld"):
             self.head = eqx.nn.Linear(features, 10, key=head_key)
         else:
             self.head = eqx_rng.nn.BayesLinear(
@@ -139,10 +195,20 @@ class CNN(eqx.Module):
             return jax.vmap(head)(feats)
         if key is None:  # inference mode: the mean weights
             return jax.vmap(lambda f: head(f))(feats)
-        keys = eqx_rng.grid_keys(key, (feats.shape[0],))
-        # weight_key is shared on purpose (one weight sample per minibatch): plain
-        # jax.vmap, the per-example keys are explicit.
-        return jax.vmap(lambda f, k: head(f, key=k, weight_key=weight_key))(feats, keys)
+        # One weight sample per minibatch: `weight_key` is shared by every example on
+        # purpose (`eqx_rng.shared`), while `key=` gives example i `derive(key, i)`.
+        sample = lambda f, wk, *, key: head(f, key=key, weight_key=wk)
+        return eqx_rng.vmap(sample)(feats, eqx_rng.shared(weight_key), key=key)
+
+
+def neg_log_prior(model: CNN, prior_std: float) -> Array:
+    """`-log p(theta)` up to a constant: an isotropic Gaussian `N(0, prior_std**2)` on
+    every weight, bias and BatchNorm affine parameter (not the dropout rate)."""
+    params = (model.conv1, model.conv2, model.norm1, model.norm2, model.head)
+    leaves = jax.tree.leaves(eqx.filter(params, eqx.is_inexact_array))
+    return sum((jnp.sum(leaf**2) for leaf in leaves), jnp.zeros(())) / (
+        2 * prior_std**2
+    )
 
 
 def batch_logits(
@@ -162,16 +228,101 @@ def batch_logits(
 # -------------------------------------------------------------------------- programme
 
 
-def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Callable]:
-    """Jitted `init(key) -> ts`, `advance(ts) -> (ts, metrics)` and
-    `predict(ts, key) -> (MAP probs (C, m, k), sampled probs (C, T, m, k))`."""
+def sgld_schedule(cfg: Config, num_data: int) -> Callable[[Any], Any]:
+    """The cyclical cosine step size of cSG-MCMC (Zhang et al. 2020, eq. 1):
+    `eps(t) = eps0 / 2 * (cos(pi * (t mod L) / L) + 1)`, `L = sgld_cycle_steps`.
+
+    `eps0 = 2 * sgld_lr / num_data`: `eqx_rng.optim.sgld` moves by
+    `(eps / 2) * num_data` times the gradient of the minibatch mean loss, so the
+    first step of a cycle is a gradient step of size `sgld_lr` on that loss (plus
+    noise of standard deviation `sqrt(eps0 * temperature)`).
+    """
+    eps0 = 2.0 * cfg.sgld_lr / num_data
+    length = cfg.sgld_cycle_steps
+
+    def schedule(t: Any) -> Any:
+        position = jnp.asarray(t % length, jnp.float32) / length  # in [0, 1)
+        return 0.5 * eps0 * (jnp.cos(jnp.pi * position) + 1.0)
+
+    return schedule
+
+
+def is_sample_step(cfg: Config, step: int) -> bool:
+    """Whether SGLD keeps the state after `step` steps: in the sampling stage (the
+    last `sgld_sample_steps` of a cycle), every `sgld_thin` steps."""
+    position = (step - 1) % cfg.sgld_cycle_steps + 1  # 1 .. L within the cycle
+    in_stage = position > cfg.sgld_cycle_steps - cfg.sgld_sample_steps
+    return in_stage and step % cfg.sgld_thin == 0
+
+
+def make_optimizer(cfg: Config, head: str, n_train: int) -> tuple[Any, int, int]:
+    """The optimizer of `head`, its number of steps and steps per call."""
+    if head == "sgld":
+        # The tempered posterior p(theta | D)^(1 / T): likelihood scaled by the data
+        # size N (the loss is a per-example mean), prior N(0, prior_std^2).
+        optimizer = eqx_rng.optim.sgld(
+            sgld_schedule(cfg, n_train), temperature=cfg.temperature, num_data=n_train
+        )
+        return optimizer, cfg.sgld_steps, cfg.sgld_thin
+    schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
+    optimizer = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    return optimizer, cfg.steps, cfg.steps_per_call
+
+
+def make_predictors(cfg: Config, x_test: Array) -> tuple[Callable, Callable]:
+    """`predict(ts, key) -> (MAP probs (C, m, k), sampled probs (C, T, m, k))` and
+    `predict_map(ts) -> (C, m, k)` on `x_test`, for chain-batched `ts`."""
+
+    @eqx.filter_jit
+    def map_probs(model: CNN, state: eqx.nn.State) -> Array:
+        det, _ = batch_logits(eqx.nn.inference_mode(model), state, x_test, key=None)
+        return jax.nn.softmax(det)
+
+    @eqx.filter_jit
+    def mc_probs(model: CNN, state: eqx.nn.State, *, key: Any) -> Array:
+        mc = eqx_rng.nn.mc_mode(model)
+
+        def one_sample(xs: Array, *, key: Any) -> Array:
+            return jax.nn.softmax(batch_logits(mc, state, xs, key=key)[0])
+
+        return eqx_rng.vmap(one_sample, in_axes=None, axis_size=cfg.mc_samples)(
+            x_test, key=key
+        )
+
+    # Evaluation runs one chain at a time (each function compiled once): vmapping
+    # convolutions over chains makes XLA's CPU compile slow, and evaluation does not
+    # need it. Chain c samples with derive(key, c), as eqx_rng.vmap over chains
+    # would give it.
+    def chains(ts: Any) -> list[tuple[CNN, eqx.nn.State]]:
+        pick = lambda c: jax.tree.map(
+            lambda a: a[c] if eqx.is_array(a) else a, (ts.model, ts.state)
+        )
+        return [pick(c) for c in range(cfg.chains)]
+
+    def predict_map(ts: Any) -> Array:
+        return jnp.stack([map_probs(m, s) for m, s in chains(ts)])
+
+    def predict(ts: Any, key: PRNGKeyArray) -> Any:
+        sampled = [
+            mc_probs(m, s, key=eqx_rng.derive(key, c))
+            for c, (m, s) in enumerate(chains(ts))
+        ]
+        return predict_map(ts), jnp.stack(sampled)
+
+    return predict, predict_map
+
+
+def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Any]:
+    """Jitted `init(key) -> ts` and `advance(ts) -> (ts, metrics)` for the C chains
+    of `head`, `predict(ts, key) -> (MAP probs (C, m, k), sampled probs (C, T, m,
+    k))`, `predict_map(ts) -> (C, m, k)`, and the run's `steps` and
+    `steps_per_call`."""
     x_train = jnp.asarray(data.x_train).reshape(-1, 1, 8, 8)
     y_train = jnp.asarray(data.y_train)
     x_test = jnp.asarray(data.x_test).reshape(-1, 1, 8, 8)
     n_train = x_train.shape[0]
     steps_per_epoch = n_train // cfg.batch_size
-    schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
-    optimizer = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    optimizer, total, per_call = make_optimizer(cfg, head, n_train)
 
     def loss_fn(model: CNN, state: eqx.nn.State, batch: Any, *, key: Any) -> Any:
         xs, ys = batch
@@ -179,11 +330,11 @@ def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Calla
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
         kl = eqx_rng.nn.kl_divergence(model) / n_train
         loss = nll + kl
+        if head == "sgld":  # the negative log joint per example
+            loss = loss + neg_log_prior(model, cfg.prior_std) / n_train
         return loss, (state, {"loss": loss, "nll": nll, "kl": kl})
 
-    step = eqx_rng.make_train_step(
-        loss_fn, optimizer, steps_per_call=cfg.steps_per_call
-    )
+    step = eqx_rng.make_train_step(loss_fn, optimizer, steps_per_call=per_call)
 
     def init(key: PRNGKeyArray) -> Any:
         models, states = eqx_rng.ensemble(
@@ -195,7 +346,7 @@ def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Calla
         return eqx_rng.vmap(create)(models, states, keys)
 
     def advance_chain(ts: Any) -> Any:
-        steps = ts.step + jnp.arange(cfg.steps_per_call)
+        steps = ts.step + jnp.arange(per_call)
 
         def indices(t: Any) -> Any:
             epoch, pos = t // steps_per_epoch, t % steps_per_epoch
@@ -207,37 +358,40 @@ def make_program(cfg: Config, data: _common.Split, head: str) -> dict[str, Calla
         idx = jax.vmap(indices)(steps)
         return step(ts, (x_train[idx], y_train[idx]))
 
-    def predict_chain(model: CNN, state: eqx.nn.State, *, key: Any) -> Any:
-        det, _ = batch_logits(eqx.nn.inference_mode(model), state, x_test, key=None)
-        mc = eqx_rng.nn.mc_mode(model)
-
-        def one_sample(xs: Array, *, key: Any) -> Array:
-            return jax.nn.softmax(batch_logits(mc, state, xs, key=key)[0])
-
-        samples = eqx_rng.vmap(one_sample, in_axes=None, axis_size=cfg.mc_samples)(
-            x_test, key=key
-        )
-        return jax.nn.softmax(det), samples
-
-    predict_one = eqx.filter_jit(predict_chain)
-
-    def predict(ts: Any, key: PRNGKeyArray) -> Any:
-        # One chain at a time (compiled once): vmapping convolutions over chains
-        # makes XLA's CPU compile slow, and evaluation does not need it. Chain c
-        # samples with derive(key, c), as eqx_rng.vmap over chains would give it.
-        outs = []
-        for c in range(cfg.chains):
-            model, state = jax.tree.map(
-                lambda a, c=c: a[c] if eqx.is_array(a) else a, (ts.model, ts.state)
-            )
-            outs.append(predict_one(model, state, key=eqx_rng.derive(key, c)))
-        return tuple(jnp.stack(parts) for parts in zip(*outs, strict=True))
-
+    predict, predict_map = make_predictors(cfg, x_test)
     return {
         "init": eqx.filter_jit(init),
         "advance": eqx.filter_jit(eqx_rng.vmap(advance_chain)),
         "predict": predict,
+        "predict_map": predict_map,
+        "steps": total,
+        "steps_per_call": per_call,
     }
+
+
+def train_head(
+    cfg: Config,
+    data: _common.Split,
+    head: str,
+    key: PRNGKeyArray,
+    on_chunk: Callable[[str, int, dict[str, np.ndarray]], None],
+) -> Any:
+    """Train the C chains of `head`; return `(MAP probs, sampled probs)` for the
+    adamw heads and, for SGLD, each chain's mean over its posterior samples."""
+    program = make_program(cfg, data, head)
+    ts = program["init"](key)
+    sample_sum, samples = np.zeros(()), 0
+    while int(ts.step[0]) < program["steps"]:
+        ts, metrics = program["advance"](ts)
+        step = int(ts.step[0])
+        on_chunk(head, step, jax.tree.map(np.asarray, metrics))
+        if head == "sgld" and is_sample_step(cfg, step):
+            sample_sum = sample_sum + np.asarray(program["predict_map"](ts), np.float64)
+            samples += 1
+    if head == "sgld":
+        return sample_sum / samples
+    det, sampled = program["predict"](ts, eqx_rng.derive(key, "predict", head))
+    return np.asarray(det, np.float64), np.asarray(sampled, np.float64)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -261,39 +415,61 @@ def method_metrics(
 
 
 def evaluate(cfg: Config, preds: dict[str, Any], labels: np.ndarray) -> dict[str, Any]:
-    """Per-method predictive probabilities (one array per chain) and metrics."""
+    """Metrics per method, and the predictive probabilities behind them.
+
+    A per-chain method is scored on each chain's predictive distribution: mean and
+    standard deviation over chains. A pooled method (deep ensemble, SGLD) averages
+    the chains' predictive distributions into one and is scored once; its spread is
+    the jackknife standard error over chains (leave one chain out, re-pool, re-score).
+    """
     det, mc = preds["linear"]
-    per_chain = {
-        "MAP": list(det),
-        "MC dropout": list(mc.mean(axis=1)),
-        "deep ensemble": [det.mean(axis=0)],
-        "Bayes by Backprop": list(preds["bayes"][1].mean(axis=1)),
-        "Flipout": list(preds["flipout"][1].mean(axis=1)),
+    sgld, s = preds["sgld"], cfg.sgld_samples
+    methods = {  # name: (per-chain predictive probs (C, m, k), pooled, networks)
+        "MAP": (det, False, 1),
+        "MC dropout": (mc.mean(axis=1), False, cfg.mc_samples),
+        "deep ensemble": (det, True, cfg.chains),
+        "Bayes by Backprop": (preds["bayes"][1].mean(axis=1), False, cfg.mc_samples),
+        "Flipout": (preds["flipout"][1].mean(axis=1), False, cfg.mc_samples),
+        "SGLD, one chain": (sgld, False, s),
+        "SGLD": (sgld, True, cfg.chains * s),
     }
     results: dict[str, Any] = {}
-    for method, probs in per_chain.items():
-        rows = [method_metrics(p, labels, cfg.ece_bins) for p in probs]
-        results[method] = {
-            name: _common.mean_std([r[name] for r in rows]) for name in rows[0]
-        }
-        results[method]["chains"] = len(probs)
-    return {"methods": results, "_probs": per_chain}
+    plotted: dict[str, list[np.ndarray]] = {}
+    score = lambda p: method_metrics(p, labels, cfg.ece_bins)
+    for method, (probs, pooled, networks) in methods.items():
+        r: dict[str, Any]
+        if pooled:
+            row = score(probs.mean(axis=0))
+            loo = [score(np.delete(probs, c, axis=0).mean(axis=0)) for c in range(len(probs))]  # fmt: skip
+            r = {n: (v, _common.jackknife_se([x[n] for x in loo])) for n, v in row.items()}  # fmt: skip
+            r.update(chains=1, spread="jackknife s.e. over chains")
+            plotted[method] = [probs.mean(axis=0)]
+        else:
+            rows = [score(p) for p in probs]
+            r = {n: _common.mean_std([x[n] for x in rows]) for n in rows[0]}
+            r.update(chains=len(probs), spread="std over chains")
+            plotted[method] = list(probs)
+        results[method] = {**r, "networks": networks}
+    return {"methods": results, "_probs": plotted}
 
 
 def results_table(results: dict[str, Any]) -> str:
-    headers = ["method", "chains", "accuracy", "NLL", "ECE", "H(right)", "H(wrong)"]
+    headers = ["method", "chains", "networks", "accuracy", "NLL", "ECE", "H(right)", "H(wrong)"]  # fmt: skip
     rows = []
     for method, r in results["methods"].items():
-        pm = lambda name, r=r: (
-            f"{r[name][0]:.4f}"
-            if r["chains"] == 1
-            else f"{r[name][0]:.4f} +/- {r[name][1]:.4f}"
-        )
+        pm = lambda name, r=r: f"{r[name][0]:.4f} +/- {r[name][1]:.4f}"
         rows.append(
-            [method, r["chains"], pm("accuracy"), pm("nll"), pm("ece"),
+            [method, r["chains"], r["networks"], pm("accuracy"), pm("nll"), pm("ece"),
              pm("entropy_right"), pm("entropy_wrong")]
         )  # fmt: skip
     return _common.format_table(headers, rows)
+
+
+TABLE_NOTE = (
+    "+/-: std over chains; for the pooled rows (deep ensemble, SGLD) the jackknife "
+    "standard error over chains. networks: predictions averaged per predictive "
+    "distribution."
+)
 
 
 def write_plots(
@@ -325,86 +501,78 @@ def write_plots(
 
 
 def plot_losses(out: Path, cfg: Config, log: list[dict[str, Any]]) -> None:
-    """Training NLL (solid) and KL / N (dashed) per head, mean over chains, one point
-    per `steps_per_call` steps."""
+    """Training NLL (solid) and the regulariser per example (dashed: KL / N for the
+    Bayesian heads, `-log p(theta) / N` for SGLD) per head, mean over chains, one
+    point per fused call of steps."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    k = cfg.steps_per_call
+    terms = {
+        "NLL": lambda r: r["nll"],
+        "KL / N": lambda r: r["kl"],
+        "-log prior / N": lambda r: r["loss"] - r["nll"] - r["kl"],
+    }
     for i, head in enumerate(HEADS):
+        k = cfg.sgld_thin if head == "sgld" else cfg.steps_per_call
         rows = [r for r in log if r["head"] == head]
         steps = np.array(sorted({r["step"] for r in rows}))
-        blocks = len(steps) // k
-        for name, style in (("nll", "-"), ("kl", "--")):
+        shown = ("NLL", "-log prior / N" if head == "sgld" else "KL / N")
+        for name, style in zip(shown, ("-", "--"), strict=True):
             per_step = {s: [] for s in steps.tolist()}
             for r in rows:
-                per_step[r["step"]].append(r[name])
+                per_step[r["step"]].append(terms[name](r))
             means = np.array([np.mean(per_step[s]) for s in steps.tolist()])
-            if name == "kl" and not means.any():
+            if not means.any():
                 continue
-            label = f"{head}: {'NLL' if name == 'nll' else 'KL / N'}"
             ax.plot(
-                steps[k - 1 : blocks * k : k],
-                means[: blocks * k].reshape(blocks, k).mean(1),
+                *_common.block_means(steps, means, k),
                 style,
                 color=f"C{i}",
                 marker="o",
                 ms=3,
-                label=label,
+                label=f"{head}: {name}",
             )
     ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss terms (mean of {k} steps and the chains)")
+    ax.set_ylabel("training loss terms (mean of a call's steps and the chains)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _common.finish(
         fig,
         out / "learning_curves.png",
-        f"uncertainty: training NLL and KL / N, {cfg.chains} chains per head",
+        f"uncertainty: training NLL and regulariser, {cfg.chains} chains per head",
     )
 
 
 # ------------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="uncertainty.py",
-        description="MAP, MC dropout, deep ensemble, Bayes by Backprop and Flipout on 8x8 digits, each trained as C chains in one program.",
-    )
-    parser.add_argument(
-        "--out",
-        default="runs/uncertainty",
-        help="output directory (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="base seed (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--seeds",
-        type=int,
-        default=None,
-        metavar="N",
-        help="chains per head (default: 4; 2 with --tiny)",
-    )
-    parser.add_argument(
-        "--tiny", action="store_true", help="smoke configuration of a few seconds"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = _common.experiment_parser(
+        "uncertainty.py",
+        "MAP, MC dropout, deep ensemble, Bayes by Backprop, Flipout and SGLD on 8x8 digits, each trained as C chains in one program.",
+        out="runs/uncertainty",
+        seeds_help="chains per head (default: 4; 2 with --tiny)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        metavar="T",
+        help="SGLD's posterior temperature (default: 1, the Bayes posterior; < 1 is a cold posterior)",
+    )
+    _common.add_no_progress(parser)
     args = parser.parse_args(argv)
     cfg = Config.tiny() if args.tiny else Config()
     if args.seeds is not None:
-        if args.seeds < 1:
-            parser.error(f"--seeds must be >= 1, got {args.seeds}")
         cfg = dataclasses.replace(cfg, chains=args.seeds)
+    if args.temperature is not None:
+        cfg = dataclasses.replace(cfg, temperature=args.temperature)
     try:
-        out = _common.prepare_out_dir(args.out)
+        cfg.validate()
     except _common.UsageError as e:
         parser.error(str(e))
-    return run(cfg, args.seed, out, show_progress=not args.no_progress)
+    out = _common.out_dir_or_exit(parser, args.out)
+    with _common.compile_fast(cfg.fast_compile):
+        return run(cfg, args.seed, out, show_progress=not args.no_progress)
 
 
 def run(cfg: Config, seed: int, out: Path, *, show_progress: bool) -> int:
@@ -415,48 +583,42 @@ def run(cfg: Config, seed: int, out: Path, *, show_progress: bool) -> int:
     log.reset()
     start = time.perf_counter()
     print(
-        f"uncertainty: {len(HEADS)} heads x {cfg.chains} chains x {cfg.steps} steps, seed {seed}"
+        f"uncertainty: {len(HEADS)} heads x {cfg.chains} chains, {cfg.steps} steps "
+        f"(SGLD {cfg.sgld_steps}, {cfg.sgld_samples} samples per chain), seed {seed}"
     )
-    bar = _common.progress(
-        len(HEADS) * cfg.steps, "training", disable=not show_progress
-    )
-    preds = {}
-    for head in HEADS:
-        program = make_program(cfg, data, head)
-        ts = program["init"](key)
-        while int(ts.step[0]) < cfg.steps:
-            ts, metrics = program["advance"](ts)
-            metrics = jax.tree.map(np.asarray, metrics)
-            step = int(ts.step[0])
-            log.append(
-                {"head": head, "step": step - cfg.steps_per_call + 1 + k, "chain": c,
-                 "loss": float(metrics["loss"][c, k]), "nll": float(metrics["nll"][c, k]),
-                 "kl": float(metrics["kl"][c, k])}
-                for k in range(cfg.steps_per_call) for c in range(cfg.chains)
-            )  # fmt: skip
-            bar.set_postfix(
-                {"head": head, "loss": f"{metrics['loss'][:, -1].mean():.3f}"},
-                refresh=False,
-            )
-            bar.update(cfg.steps_per_call)
-        det, sampled = program["predict"](ts, eqx_rng.derive(key, "predict", head))
-        preds[head] = (np.asarray(det, np.float64), np.asarray(sampled, np.float64))
+    total = (len(HEADS) - 1) * cfg.steps + cfg.sgld_steps
+    bar = _common.progress(total, "training", disable=not show_progress)
+
+    def on_chunk(head: str, step: int, metrics: dict[str, np.ndarray]) -> None:
+        n = metrics["loss"].shape[1]
+        log.append(
+            {"head": head, "step": step - n + 1 + k, "chain": c,
+             "loss": float(metrics["loss"][c, k]), "nll": float(metrics["nll"][c, k]),
+             "kl": float(metrics["kl"][c, k])}
+            for k in range(n) for c in range(cfg.chains)
+        )  # fmt: skip
+        loss = f"{metrics['loss'][:, -1].mean():.3f}"
+        bar.set_postfix({"head": head, "loss": loss}, refresh=False)
+        bar.update(n)
+
+    preds = {head: train_head(cfg, data, head, key, on_chunk) for head in HEADS}
     bar.close()
     results = evaluate(cfg, preds, labels)
     wall = time.perf_counter() - start
     print()
     print(results_table(results))
+    print(TABLE_NOTE)
     write_plots(out, cfg, log.read(), results, labels, seed)
-    summary = {
-        "experiment": "uncertainty",
-        "config": _common.config_dict(cfg),
-        "seed": seed,
-        "results": results["methods"],
-        "wall_time_s": wall,
-        "git_commit": _common.git_commit(),
-        "doctor": eqx_rng.debug.doctor(),
-    }
-    _common.write_json(out / "summary.json", summary)
+    _common.write_summary(
+        out / "summary.json",
+        {
+            "experiment": "uncertainty",
+            "config": _common.config_dict(cfg),
+            "seed": seed,
+            "results": results["methods"],
+            "wall_time_s": wall,
+        },
+    )
     print(
         f"wall time {wall:.1f} s; wrote {out}/summary.json, metrics.jsonl, learning_curves.png, reliability.png"
     )

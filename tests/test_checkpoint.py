@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 import eqx_rng
 from eqx_rng import _checkpoint
+from eqx_rng._checkpoint import _files
 
 
 def _bits(x):
@@ -78,6 +80,44 @@ def test_round_trip_mixed_tree(tmp_path):
     assert str(jr.key_impl(back["rbg"])) == "rbg"
     # Keys come back as working keys.
     assert jnp.array_equal(jr.normal(back["key"], (2,)), jr.normal(tree["key"], (2,)))
+
+
+def _v2_fixture_tree():
+    """The tree in `tests/data/format_v2_db9355d.ckpt`, written by `eqx_rng.save`
+    at commit db9355d (format 2, payload checksummed by a thread beside the write)
+    with `metadata={"note": "format 2, eqx_rng commit db9355d"}`."""
+    return {
+        "w": jnp.arange(12.0).reshape(3, 4),
+        "b": jnp.arange(5, dtype=jnp.bfloat16),
+        "i8": np.arange(3, dtype=np.int8),
+        "key": jr.key(7),
+        "lr": jnp.asarray(0.5),
+        "step": jnp.int32(9),
+    }
+
+
+def test_version_2_files_of_an_earlier_release_load():
+    path = pathlib.Path(__file__).parent / "data" / "format_v2_db9355d.ckpt"
+    tree = _v2_fixture_tree()
+    back = eqx_rng.load(path, jax.eval_shape(_v2_fixture_tree))
+    for name, leaf in tree.items():
+        assert back[name].dtype == leaf.dtype and back[name].shape == leaf.shape
+        assert np.array_equal(_bits(back[name]), _bits(leaf))
+    assert back["lr"].aval.weak_type
+    meta = eqx_rng.load_metadata(path)
+    assert meta["note"] == "format 2, eqx_rng commit db9355d"
+    assert meta["eqx_rng"]["format_version"] == 2
+
+
+def test_round_trip_with_the_checksum_beside_the_fsync(tmp_path, monkeypatch):
+    # Every payload takes the path of large ones (checksum while a thread fsyncs).
+    monkeypatch.setattr(_checkpoint._format, "OVERLAP_MIN", 0)
+    tree = _mixed_tree()
+    path = eqx_rng.save(tmp_path / "a", tree)
+    assert _bits_equal(eqx_rng.load(path, tree), tree)
+    eqx_rng.save(path, {**tree, "f32": tree["f32"] + 1})  # over an existing file
+    assert jnp.array_equal(eqx_rng.load(path, tree)["f32"], tree["f32"] + 1)
+    assert os.listdir(tmp_path) == ["a"]
 
 
 def test_weak_types_round_trip(tmp_path):
@@ -418,7 +458,7 @@ def test_manager_ignores_and_cleans_leftovers(tmp_path):
     manager.save(3, {"w": jnp.zeros(1)})
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()  # a writer that is gone
-    host = _checkpoint._format._host()
+    host = _files._host()
     leftover = tmp_path / f".step_0000000004.ckpt.{host}.{proc.pid}.0123456789ab.tmp"
     leftover.write_bytes(b"partial")
     foreign = tmp_path / "notes.txt"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import eqx_rng
-from eqx_rng._checkpoint import _format, _records
+from eqx_rng._checkpoint import _files, _records
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -61,7 +61,7 @@ def test_roll_back_removes_before_writing(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("killed")
 
-    monkeypatch.setattr(_format.os, "replace", crash)
+    monkeypatch.setattr(_files.os, "replace", crash)
     with pytest.raises(OSError, match="killed"):
         manager.save(2, _tree(-2.0))
     monkeypatch.undo()
@@ -168,7 +168,7 @@ def _dead_pid() -> int:
 
 
 def _tmp(directory, name, pid, host=None, token="0123456789ab"):
-    host = host or _format._host()
+    host = host or _files._host()
     path = directory / f".{name}.{host}.{pid}.{token}.tmp"
     path.write_bytes(b"partial")
     return path
@@ -192,7 +192,7 @@ def test_manager_removes_only_dead_writers_temporaries(tmp_path):
         assert live.exists() and mine.exists() and foreign.exists()
         assert other_host.exists() and old_style.exists()  # recent: may be alive
         assert not dead.exists()
-        day_ago = time.time() - _format.FOREIGN_TMP_AGE - 60
+        day_ago = time.time() - _files.FOREIGN_TMP_AGE - 60
         for path in (other_host, old_style):
             os.utime(path, (day_ago, day_ago))
         eqx_rng.CheckpointManager(tmp_path)
@@ -276,3 +276,23 @@ def test_shard_and_chain_mesh_refuse_repeated_axis_names():
     with pytest.raises(ValueError, match="repeats the axis name 'a'"):
         eqx_rng.chain_mesh((1, 1), ("a", "a"))
     assert jax.device_count() >= 1
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_save_drops_the_cache_of_the_checkpoint_it_will_prune(tmp_path, monkeypatch):
+    manager = eqx_rng.CheckpointManager(tmp_path, keep=2)
+    manager.save(1, {"w": jnp.zeros(3)})
+    manager.save(2, {"w": jnp.ones(3)})
+    oldest = manager.path(1).stat().st_ino
+    real_fadvise = os.posix_fadvise
+    advised = []
+
+    def fadvise(fd, offset, length, advice):
+        # Dropped while the file is still there, before the new one is written.
+        advised.append((os.fstat(fd).st_ino, manager.path(3).exists()))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(_files.os, "posix_fadvise", fadvise)
+    manager.save(3, {"w": jnp.full(3, 2.0)})
+    assert advised == [(oldest, False)]
+    assert manager.steps() == [2, 3]

@@ -1,7 +1,7 @@
 """Checkpoints: atomic, checksummed files of a pytree's arrays, typed keys included.
 
-- `_format.py`: the bytes of a file (prefix, header, payload, checksums) and its
-  temporary files; no JAX.
+- `_format.py`: the bytes of a file (prefix, header, payload, checksums); no JAX.
+- `_files.py`: atomic, durable writes through temporary files; no JAX.
 - `_records.py`: pytree leaves as header records and back (dtypes, typed keys,
   weak types); matching a file to `like`.
 - `_io.py`: `save`, `load`, `load_metadata`.

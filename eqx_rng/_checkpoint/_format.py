@@ -21,26 +21,23 @@ multi-host checkpoint (an index whose arrays live in one file per process, see
 `_sharded.py`), which a version-1 reader must refuse rather than misread. Both
 versions are read. The header is always checked with sha256.
 
-This module knows nothing of JAX: it writes and reads bytes, checksums and
-temporary files. On save, the payload's checksum is computed in a thread while the
-main thread writes the same bytes, so checksumming and writing overlap.
+This module knows nothing of JAX: it lays out and reads bytes and checksums
+(`_files.py` puts them on disk). On save, the payload's checksum is computed while
+a thread waits for the disk to take the payload (`fsync`), so that it costs no
+time of its own; on load, it is computed as each chunk is read.
 """
 
 import hashlib
 import json
-import os
-import re
-import secrets
-import socket
 import struct
-import threading
-import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._files import write_atomically
 
 MAGIC = b"EQXRNGCK"
 FORMAT_VERSION = 2
@@ -49,10 +46,8 @@ PREFIX = struct.Struct("<8sIIQ32s")  # magic, version, reserved, header length, 
 DIGEST_SIZE = 32
 ALIGN = 64
 MAX_HEADER = 1 << 32
-CHUNK = 1 << 22  # bytes hashed, written or read at a time
-TMP_SUFFIX = ".tmp"
-FOREIGN_TMP_AGE = 24 * 3600  # seconds: age of another host's temporary deemed stale
-_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+CHUNK = 1 << 22  # bytes hashed or read at a time
+OVERLAP_MIN = 1 << 23  # payload bytes from which the checksum overlaps the fsync
 CHECKSUMS = ("crc32", "sha256")
 PAYLOAD_CHECKSUM = "crc32"  # what version 2 writes; version 1 files have sha256
 
@@ -102,7 +97,7 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------
-# Hashing beside I/O.
+# Checksums.
 
 
 class _Checksum:
@@ -128,123 +123,29 @@ class _Checksum:
         return self._crc.to_bytes(4, "little") + bytes(DIGEST_SIZE - 4)
 
 
-class _Background:
-    """`fn()` run in a thread from creation; `result()` joins and returns (or
-    raises) what it did."""
-
-    def __init__(self, fn: Callable[[], Any]):
-        self._out: list = []
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._out.append((True, fn()))
-        except BaseException as e:  # handed to the caller by `result`
-            self._out.append((False, e))
-
-    def result(self) -> Any:
-        self._thread.join()
-        ok, value = self._out[0]
-        if not ok:
-            raise value
-        return value
-
-
 def _chunks(buffer: memoryview) -> Iterator[memoryview]:
     for start in range(0, len(buffer), CHUNK):
         yield buffer[start : start + CHUNK]
 
 
 # --------------------------------------------------------------------------------
-# Temporary files: `.{name}.{host}.{pid}.{random}.tmp` beside the file they become.
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-
-
-def tmp_path(path: Path) -> Path:
-    """A fresh temporary file name for a save of `path`, naming this host and pid."""
-    token = secrets.token_hex(6)
-    return path.parent / f".{path.name}.{_host()}.{os.getpid()}.{token}{TMP_SUFFIX}"
-
-
-def tmp_pattern(name_pattern: str) -> re.Pattern:
-    """Temporary files of the file names matching the regex `name_pattern`: today's
-    (with host and pid) and those of eqx_rng 0.1 (a random token only)."""
-    return re.compile(
-        r"\.(?:"
-        + name_pattern
-        + r")\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[0-9a-f]+"
-        + re.escape(TMP_SUFFIX)
-        + r"\Z"
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # pragma: no cover - os.kill(pid, 0) would end the process
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def is_stale(name: str, match: re.Match, directory: Path) -> bool:
-    """Whether the temporary file `name` was left by a writer that is gone.
-
-    On this host: its pid no longer runs. Another host's (or an unnamed writer's)
-    temporary: not modified for `FOREIGN_TMP_AGE` seconds (a live writer's file
-    changes with every chunk it writes)."""
-    host, pid = match.group("host"), match.group("pid")
-    if host == _host() and pid is not None:
-        return int(pid) != os.getpid() and not _pid_alive(int(pid))
-    try:
-        age = time.time() - os.stat(directory / name).st_mtime
-    except FileNotFoundError:
-        return False
-    return age > FOREIGN_TMP_AGE
-
-
-def remove_stale_temporaries(directory: Path, pattern: re.Pattern) -> list[str]:
-    """Remove the stale temporary files in `directory` matching `pattern`; returns
-    their names. Live writers' temporaries are left alone."""
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for name in names:
-        match = pattern.match(name)
-        if match is None or not is_stale(name, match, directory):
-            continue
-        try:
-            os.unlink(directory / name)
-        except FileNotFoundError:  # removed meanwhile by another cleaner
-            continue
-        removed.append(name)
-    return removed
-
-
-def fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse
-        pass
-    finally:
-        os.close(fd)
-
-
-# --------------------------------------------------------------------------------
 # Writing.
+
+
+def _payload_pieces(
+    arrays: Iterable[tuple[int, np.ndarray]], payload_nbytes: int
+) -> list[Any]:
+    """The payload as a list of buffers, in order: padding and array bytes."""
+    pieces: list[Any] = []
+    written = 0
+    for offset, data in arrays:
+        if offset > written:
+            pieces.append(bytes(offset - written))
+        pieces.append(data.reshape(-1).view(np.uint8).data)
+        written = offset + data.nbytes
+    if payload_nbytes > written:
+        pieces.append(bytes(payload_nbytes - written))
+    return pieces
 
 
 def write_file(
@@ -253,11 +154,11 @@ def write_file(
     arrays: Iterable[tuple[int, np.ndarray]],
     payload_nbytes: int,
 ) -> Path:
-    """Write a checkpoint file atomically: a temporary file in the same directory,
-    flushed and `fsync`ed, renamed over `path`, then the directory `fsync`ed.
+    """Write a checkpoint file atomically and durably (`_files.write_atomically`).
 
     `arrays` gives `(offset, contiguous array)` in increasing offset order; the gaps
-    (and the tail up to `payload_nbytes`) are zero padding.
+    (and the tail up to `payload_nbytes`) are zero padding. The arrays are written
+    from their own memory, never copied.
     """
     header = {**header, "payload_checksum": PAYLOAD_CHECKSUM}
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -268,15 +169,7 @@ def write_file(
         len(header_bytes),
         hashlib.sha256(header_bytes).digest(),
     )
-    pieces: list[Any] = []  # the payload, in order: padding and array bytes
-    written = 0
-    for offset, data in arrays:
-        if offset > written:
-            pieces.append(bytes(offset - written))
-        pieces.append(data.reshape(-1).view(np.uint8).data)
-        written = offset + data.nbytes
-    if payload_nbytes > written:
-        pieces.append(bytes(payload_nbytes - written))
+    pieces = _payload_pieces(arrays, payload_nbytes)
 
     def checksum() -> bytes:
         digest = _Checksum(PAYLOAD_CHECKSUM)
@@ -284,30 +177,8 @@ def write_file(
             digest.update(piece)
         return digest.digest()
 
-    directory = path.parent
-    tmp = tmp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o666)
-    try:
-        # The checksum runs in a thread while this one writes the same bytes.
-        background = _Background(checksum)
-        with os.fdopen(fd, "wb") as f:
-            f.write(prefix)
-            f.write(header_bytes)
-            for piece in pieces:
-                for chunk in _chunks(memoryview(piece)):
-                    f.write(chunk)
-            f.write(background.result())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_directory(directory)
-    return path
+    body = [prefix + header_bytes, *pieces]
+    return write_atomically(path, body, checksum, payload_nbytes >= OVERLAP_MIN)
 
 
 # --------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """`save`, `load` and `load_metadata`: a pytree's arrays to one file and back.
 
-A file is written to a temporary file in the same directory
-(`.{name}.{host}.{pid}.{random}.tmp`), flushed and `fsync`ed, renamed over `path`
-with `os.replace` (atomic), and the directory is `fsync`ed: a crash at any moment
+A file is written atomically (`_files.write_atomically`): a crash at any moment
 leaves either the old file or the new one at `path`, never a partial one. A later
 `save` of the same path removes the temporaries that killed saves of it left.
 """
@@ -19,16 +17,8 @@ import numpy as np
 from jaxtyping import PyTree
 
 from .._typecheck import typecheck
-from ._format import (
-    align,
-    err,
-    open_file,
-    read_header,
-    read_payload,
-    remove_stale_temporaries,
-    tmp_pattern,
-    write_file,
-)
+from ._files import remove_stale_temporaries, tmp_pattern
+from ._format import align, err, open_file, read_header, read_payload, write_file
 from ._records import (
     LIBRARY_KEY,
     array_leaves,
@@ -122,11 +112,12 @@ def save(
     Every array leaf (JAX or NumPy; typed PRNG keys included) is stored with its key
     path, dtype and shape; other leaves are not stored (`load` takes them from its
     `like` tree). The file carries checksums of its header (sha256) and payload
-    (CRC-32, computed in a thread beside the write). The write is atomic: a
-    temporary file in the same directory, named after this host and process, is
-    written, flushed and `fsync`ed, then renamed over `path` (`os.replace`) and the
-    directory `fsync`ed, so a crash leaves either the previous file or the new one
-    at `path`.
+    (CRC-32, computed while a thread waits for the disk to take the payload). The
+    write is atomic: a temporary file in the same directory, named after this host
+    and process, is written and `fsync`ed, then renamed over `path` (`os.replace`)
+    and the directory `fsync`ed, so a crash leaves either the previous file or the
+    new one at `path`. The cached pages of the file being replaced are dropped
+    first (the file itself is untouched until the rename).
     Temporaries of `path` left by killed saves (their process is gone) are removed.
 
     Multi-host: when some array is spread over several processes (not fully

@@ -11,7 +11,8 @@ import numpy as np
 from jaxtyping import PyTree
 
 from .._typecheck import typecheck
-from ._format import err, remove_stale_temporaries, tmp_pattern
+from ._files import drop_cached, remove_stale_temporaries, tmp_pattern
+from ._format import err
 from ._io import load_file, save_file
 from ._records import LIBRARY_KEY, array_leaves
 from ._sharded import needs_multihost, remove_checkpoints
@@ -221,6 +222,13 @@ class CheckpointManager:
                 if old_step > step or self._restored < old_step == step
             ]
             remove_checkpoints(abandoned, multihost, f"eqx_rng roll-back {step}")
+        if self.keep is not None:
+            # The checkpoints this save will prune: their cached pages are dropped
+            # first, so that the new file reuses that memory (as `save` does with a
+            # file it replaces). Advice only: the files stay until after the write.
+            existing = _steps(self.directory, self.prefix)
+            for _, old_path in existing[: max(0, len(existing) + 1 - self.keep)]:
+                drop_cached(old_path)
         path = save_file(self.path(step), tree, metadata, {"step": step})
         if self.keep is not None:
             old = _steps(self.directory, self.prefix)[: -self.keep]

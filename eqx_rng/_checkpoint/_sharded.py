@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from .._util import is_typed_key
+from ._files import remove_stale_temporaries, tmp_pattern
 from ._format import (
     PREFIX,
     align,
@@ -39,8 +40,6 @@ from ._format import (
     open_file,
     read_header,
     read_payload,
-    remove_stale_temporaries,
-    tmp_pattern,
     write_file,
 )
 from ._records import (
