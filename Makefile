@@ -18,10 +18,13 @@ MIN_STAMP := $(MIN_VENV)/.installed
 # The floors, read from pyproject.toml: every `name>=x` dependency becomes `name==x`.
 MIN_PINS = $(shell $(PYTHON) -c 'import tomllib; print(" ".join(d.replace(">=", "==") for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
 # A smoke subset touching the version-sensitive parts (JAX internals in vmap's key
-# check, optax's extra arguments, checkpoints, typecheck).
+# check and key_reuse's derivation check, optax's extra arguments, checkpoints,
+# typecheck). It runs with XLA's optimisations on (EQX_RNG_TEST_OPTIMIZE=1; the main
+# suite compiles with most of them off to save time), so the bitwise claims of
+# training and resuming are also checked on optimised programs.
 MIN_TESTS := tests/test_keys.py tests/test_contract.py tests/test_typecheck.py \
-	tests/test_debug.py tests/test_checkpoint.py tests/test_train.py \
-	tests/test_vmap.py tests/test_scan.py tests/test_optim.py
+	tests/test_debug.py tests/test_derive_reuse.py tests/test_checkpoint.py \
+	tests/test_train.py tests/test_vmap.py tests/test_optim.py
 
 .PHONY: run test lint typecheck pytest docs test-min bench clean
 
@@ -42,21 +45,21 @@ typecheck: $(STAMP)
 	$(BIN)/pyright
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-$(MIN_STAMP): pyproject.toml
+$(MIN_STAMP): pyproject.toml Makefile
 	rm -rf $(MIN_VENV)
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(MIN_VENV)/bin/python -m pip install --quiet $(MIN_PINS) "pytest>=8.0"
+	$(MIN_VENV)/bin/python -m pip install --quiet $(MIN_PINS) "pytest>=8.0" "pytest-xdist>=3.6"
 	$(MIN_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	touch $(MIN_STAMP)
 
 test-min: $(MIN_STAMP)
-	$(MIN_VENV)/bin/python -m pytest -q -m "not slow" $(MIN_TESTS) $(PYTEST_ARGS)
+	EQX_RNG_TEST_OPTIMIZE=1 $(MIN_VENV)/bin/python -m pytest -q -n 2 -m "not slow" $(MIN_TESTS) $(PYTEST_ARGS)
 
 test: lint typecheck pytest docs test-min
 

@@ -4,6 +4,18 @@ import jax
 import jax.random as jr
 import pytest
 
+# Tests compile many small programs and run each briefly, so XLA's compile time is
+# most of the suite's time. Unless EQX_RNG_TEST_OPTIMIZE=1, XLA skips most of its
+# optimisations (`jax_disable_most_optimizations`): about a third of the compile time.
+# Subprocesses inherit the setting through the environment. The computations are the
+# same; only the generated code is less tuned, so every claim here that two runs agree
+# bitwise compares programs compiled alike. `make test-min` runs its subset with the
+# optimisations on (EQX_RNG_TEST_OPTIMIZE=1), so those claims are also checked on
+# optimised programs.
+if os.environ.get("EQX_RNG_TEST_OPTIMIZE", "0") != "1":
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    jax.config.update("jax_disable_most_optimizations", True)
+
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

@@ -141,9 +141,9 @@ def test_chains_are_built_as_one_compiled_program(getkey):
     # (18 programs for this MLP); the chains are one program instead.
     compiles = []
 
-    def listener(name: str, secs: float, **kwargs) -> None:
-        if name == "/jax/core/compile/backend_compile_duration":
-            compiles.append(name)
+    def listener(event: str, duration_secs: float, **kwargs: str | int) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
 
     key = getkey()
     jax.block_until_ready(eqx_rng.derive(key, 0))

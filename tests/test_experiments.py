@@ -4,13 +4,16 @@ Each script runs as a subprocess, as a user runs it (`python experiments/x.py`),
 the test suite's strict JAX settings and warning filters do not apply to it.
 """
 
+import atexit
 import dataclasses
 import importlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +24,25 @@ from helpers import REPO
 
 import eqx_rng
 
+# The digits tests share the runs of two module fixtures, which pytest-xdist would
+# repeat in each worker: `make test` distributes with `--dist loadgroup`, which keeps
+# this module's tests in one worker.
+pytestmark = pytest.mark.xdist_group("experiments")
+
 EXPERIMENTS = REPO / "experiments"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_script(
-    name: str, *args: str, timeout: float = 120
+    name: str, *args: str, timeout: float = 900
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("XLA_FLAGS", None)
+    # The digits runs (straight, stopped, resumed) compile the same programs: JAX's
+    # persistent cache, one per test process, compiles each once.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(_compile_cache())
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return subprocess.run(
         [sys.executable, str(EXPERIMENTS / name), *args],
         capture_output=True,
@@ -39,6 +51,16 @@ def run_script(
         cwd=REPO,
         timeout=timeout,
     )
+
+
+_CACHE: list[Path] = []
+
+
+def _compile_cache() -> Path:
+    if not _CACHE:
+        _CACHE.append(Path(tempfile.mkdtemp(prefix="eqx_rng_jax_cache_")))
+        atexit.register(shutil.rmtree, _CACHE[0], True)
+    return _CACHE[0]
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -166,8 +188,8 @@ def test_digits_resume_is_bitwise(digits_straight, digits_resumed):
     assert bool(eqx.tree_equal(ts_a, ts_b))
 
 
-def test_digits_resume_with_other_config_refused(digits_resumed, capsys):
-    out, _ = digits_resumed
+def test_digits_resume_with_other_config_refused(digits_straight, capsys):
+    out, _ = digits_straight
     before = snapshot(out)
     main = digits_module().main
     with pytest.raises(SystemExit) as exc:
