@@ -35,6 +35,7 @@ import optax
 
 import eqx_rng
 from eqx_rng import _checkpoint
+from eqx_rng._checkpoint import _files
 
 SEED = 0
 OPTIMIZER = optax.adam(1e-2)
@@ -65,43 +66,26 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class _KillingFile:
-    """Writes half of the third chunk (after prefix and header), then dies."""
-
-    def __init__(self, f):
-        self._f = f
-        self._writes = 0
-
-    def write(self, data):
-        self._writes += 1
-        if self._writes == 3:
-            raw = memoryview(data).cast("B")
-            self._f.write(raw[: max(1, len(raw) // 2)])
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            _die()
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self._f.__exit__(*exc)
+def _write_half_then_die(fd: int, pieces: list) -> None:
+    """Write the first half of the bytes of `pieces`, make them durable, and die."""
+    data = b"".join(bytes(memoryview(p).cast("B")) for p in pieces)
+    os.write(fd, data[: max(1, len(data) // 2)])
+    os.fsync(fd)
+    _die()
 
 
 def _install_kill(mode: str, at: int, saving: list[int]) -> None:
     os_module = _checkpoint.os
     if mode == "write":
-        real_fdopen = os_module.fdopen
+        # Every checkpoint byte reaches the temporary file through `write_all`.
+        real_write_all = _files.write_all
 
-        def fdopen(*args, **kwargs):
-            f = real_fdopen(*args, **kwargs)
-            return _KillingFile(f) if saving[0] == at else f
+        def write_all(fd, pieces):
+            if saving[0] == at:
+                _write_half_then_die(fd, pieces)
+            return real_write_all(fd, pieces)
 
-        os_module.fdopen = fdopen
+        _files.write_all = write_all
     elif mode == "replace":
         real_replace = os_module.replace
 
