@@ -52,8 +52,8 @@ def measure(which: str, rounds: int, calls: int) -> dict:
     runners = _runners(which)
     carries, steps = [], []
     for r in runners:
-        carry = r.init()
-        for t in range(20):  # compile and warm up
+        carry, loss = r.call(r.init(), 0)  # compile
+        for t in range(1, 20):  # warm up
             carry, loss = r.call(carry, t)
         jax.block_until_ready(loss)
         carries.append(carry)
@@ -65,9 +65,11 @@ def measure(which: str, rounds: int, calls: int) -> dict:
             i = (j + k) % len(runners)
             r, carry, t = runners[i], carries[i], steps[i]
             w0, c0 = time.perf_counter(), time.thread_time()
-            for _ in range(calls):
-                carry, loss = r.call(carry, t)
+            carry, loss = r.call(carry, t)
+            for _ in range(calls - 1):
                 t += 1
+                carry, loss = r.call(carry, t)
+            t += 1
             jax.block_until_ready(loss)
             wall[i].append((time.perf_counter() - w0) / calls)
             cpu[i].append((time.thread_time() - c0) / calls)
