@@ -24,6 +24,7 @@ keeps `treedef.unflatten`.
 """
 
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 import equinox as eqx
@@ -58,10 +59,6 @@ def _frozen_node(x: Any) -> bool:
     return x is None or isinstance(x, eqx.Module | tuple)
 
 
-def _const(value: Any) -> _Build:
-    return lambda it: value
-
-
 def _one_level(x: Any) -> tuple[list, Any]:
     """The children of node `x` and the treedef of `x` with them as leaves."""
     return jtu.tree_flatten(x, is_leaf=lambda y: y is not x)
@@ -88,6 +85,19 @@ def _module(x: eqx.Module, children: list, node_td: Any) -> _Build | None:
         else:
             dynamic.append((where[i], build))
     cls = type(x)
+    if all(b is next for _, b in dynamic):
+        # Every changing child is an array leaf (a Linear's weight and bias): take
+        # them in one go. `zip` stops at the names, so no extra leaf is consumed.
+        names = tuple(name for name, _ in dynamic)
+
+        def module_of_leaves(it: Iterator) -> Any:
+            d = template.copy()
+            d.update(zip(names, it, strict=False))
+            obj = _new(cls)
+            _setattr(obj, "__dict__", d)
+            return obj
+
+        return module_of_leaves
 
     def module(it: Iterator) -> Any:
         d = template.copy()
@@ -128,6 +138,9 @@ def _build(x: Any) -> Any:
     if any(b is None for b in builds):
         return None
     if type(x) is tuple:
+        if all(b is next for b in builds):
+            n = len(builds)
+            return lambda it: tuple(islice(it, n))
         return lambda it: tuple([b(it) for b in builds])
     if type(x) is list:
         return lambda it: [b(it) for b in builds]
