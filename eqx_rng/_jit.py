@@ -126,7 +126,7 @@ class _Slot:
         self.kind = kind
         self.split = split
         self.ref: Callable[[], Any] = _dead
-        self.frozen = False
+        self.frozen: bool | None = None  # None: not checked for this object yet
         self.dyn: list = []
         self.keys: tuple = ()
         # Per State value: `None` for an array, `n` for a tuple of n arrays; or
@@ -164,10 +164,10 @@ class _Slot:
             return None
         dyn = self.split.dynamic(leaves)
         if isinstance(x, eqx.Module):
-            if self.ref() is x:
-                self.frozen = _frozen(x)  # the second time: worth checking
-            else:
-                self.ref, self.frozen = weakref.ref(x), False
+            if self.ref() is not x:
+                self.ref, self.frozen = weakref.ref(x), None
+            elif self.frozen is None:
+                self.frozen = _frozen(x)  # the second time: worth checking, once
             self.dyn = dyn
         return dyn
 
