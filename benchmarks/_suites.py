@@ -1,4 +1,5 @@
-"""The three suites: `full` (CPU, the default), `quick` (a smoke run) and `gpu`."""
+"""The suites: `full` (CPU, the default), `quick` (a short run), `gpu`, and `smoke`
+(the test suite's end-to-end check: every workload once, at toy sizes)."""
 
 import dataclasses
 
@@ -79,4 +80,44 @@ def gpu(quick: bool) -> Suite:
         budget_s={size.name: 1.0 if quick else 20.0 for size in sizes},
         min_rounds=2 if quick else 7,
         roles={},
+    )
+
+
+SMOKE_SIZE = Size("tiny", hidden=8, batch=4, chains=2, steps_per_call=2)
+
+
+def smoke() -> Suite:
+    """One toy size with two chains, one round, no compiled-memory figures: each
+    workload runs end to end, nothing is compiled twice (`tests/test_benchmarks.py`).
+    """
+    size = SMOKE_SIZE
+    return Suite(
+        "smoke",
+        (size,),
+        round_s=0.0,
+        budget_s={},
+        min_rounds=1,
+        max_rounds=1,
+        roles={"tiny": "tiny", "cmax": "tiny"},
+        typecheck_roles=("tiny",),
+        typecheck_variants=("step",),
+        memory_sizes=(),
+        variants={"raw JAX": ("step",), "plain Equinox": ("step",)},
+    )
+
+
+def gpu_smoke() -> Suite:
+    """The `--gpu` suite's code path at the smoke size, as `C=2` (vmapped chains):
+    the smoke suite's own step programs, found in the compilation cache that
+    `run.py --smoke` turns on."""
+    size = dataclasses.replace(SMOKE_SIZE, name="C=2", vmap_chains=True)
+    return Suite(
+        "gpu-smoke",
+        (size,),
+        round_s=0.0,
+        budget_s={},
+        min_rounds=1,
+        max_rounds=1,
+        roles={},
+        memory_sizes=(),
     )

@@ -8,7 +8,14 @@ them (nested phases are reported inside their parent):
 ```
 python benchmarks/compile_profile.py                  # C=1, single step
 python benchmarks/compile_profile.py --size C=32 --steps 50
+python benchmarks/compile_profile.py --repeat 9       # first-call ratio, no profiler
 ```
+
+`--repeat N` measures the first call without cProfile (which slows Python-heavy
+tracing more than XLA's compile): N rounds, each a fresh process per implementation
+in alternating order, reporting wall time and the process's CPU time
+(`time.process_time`: every thread, not the time spent waiting for a core on a
+shared machine), the median and range of each and of the per-round ratios.
 """
 
 import argparse
@@ -16,6 +23,7 @@ import cProfile
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
 import time
@@ -34,9 +42,14 @@ PHASES = {
     ],
     "lower (StableHLO)": [("interpreters/mlir.py", "lower_jaxpr_to_module")],
     "XLA compile": [("_src/compiler.py", "backend_compile_and_load")],
-    "eqx_rng.vmap key-flow analysis": [("eqx_rng/_vmap.py", "_check_broadcast_keys")],
+    "eqx_rng.vmap key-flow analysis": [
+        ("eqx_rng/_vmap/_check.py", "check_broadcast_keys")
+    ],
+    # A checked call (its body included) on a signature not seen before; a
+    # remembered signature skips it (see `eqx_rng/_typecheck.py`).
     "typecheck (jaxtyping/beartype)": [("jaxtyping/_decorator.py", "wrapped_fn")],
-    "eqx_rng.vmap wrapper (all)": [("eqx_rng/_vmap.py", "__call__")],
+    "typecheck signatures (cache keys)": [("eqx_rng/_typecheck.py", "_signature")],
+    "eqx_rng.vmap wrapper (all)": [("eqx_rng/_vmap/_wrapper.py", "__call__")],
     "loss and step body (traced)": [
         ("eqx_rng/_train/_step.py", "one_step"),
         ("benchmarks/_raw_jax.py", "step"),
@@ -44,7 +57,7 @@ PHASES = {
 }
 
 
-def _child(impl: str, size_name: str, steps: int) -> dict:
+def _child(impl: str, size_name: str, steps: int, profile: bool = True) -> dict:
     import jax
 
     from benchmarks import _eqx_rng, _harness, _raw_jax
@@ -60,16 +73,22 @@ def _child(impl: str, size_name: str, steps: int) -> dict:
     carry = runner.init()
     jax.block_until_ready(carry)
     prof = cProfile.Profile()
-    start = time.perf_counter()
-    prof.enable()
+    start, cpu = time.perf_counter(), time.process_time()
+    if profile:
+        prof.enable()
     carry, loss = runner.call(carry, 0)
     jax.block_until_ready(loss)
     prof.disable()
     first = time.perf_counter() - start
+    first_cpu = time.process_time() - cpu
     start = time.perf_counter()
     carry, loss = runner.call(carry, steps)
     jax.block_until_ready(loss)
     steady = time.perf_counter() - start
+    out = {"impl": impl, "first_s": first, "first_cpu_s": first_cpu}
+    out["steady_s"] = steady
+    if not profile:
+        return out
     stats = pstats.Stats(prof).stats  # pyright: ignore[reportAttributeAccessIssue]
     phases = {}
     for phase, targets in PHASES.items():
@@ -78,29 +97,82 @@ def _child(impl: str, size_name: str, steps: int) -> dict:
             if any(f in filename and func == name for f, name in targets):
                 best = max(best, cum)
         phases[phase] = best
-    return {"impl": impl, "first_s": first, "steady_s": steady, "phases": phases}
+    return {**out, "phases": phases}
+
+
+def _run_child(impl: str, args, profile: bool) -> dict:
+    cmd = [sys.executable, __file__, "--child", impl, "--size", args.size]
+    cmd += ["--steps", str(args.steps)] + ([] if profile else ["--no-profile"])
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _spread(xs: list[float], fmt: str = "{:.2f}") -> str:
+    return (
+        f"{fmt.format(statistics.median(xs))} "
+        f"({fmt.format(min(xs))}–{fmt.format(max(xs))})"
+    )
+
+
+def repeat(args) -> int:
+    """`--repeat N`: first-call time in fresh processes, interleaved."""
+    impls = ("raw JAX", "eqx_rng")
+    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+    for r in range(args.repeat):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            runs[impl].append(_run_child(impl, args, profile=False))
+        print(
+            f"round {r + 1}: "
+            + ", ".join(
+                f"{i} {runs[i][-1]['first_s']:.2f} s (CPU {runs[i][-1]['first_cpu_s']:.2f})"
+                for i in impls
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"{args.size}, {args.steps} step(s) per call; first call (trace + compile + "
+        f"one step) in a fresh process, {args.repeat} interleaved rounds; seconds, "
+        "median (min–max)"
+    )
+    print("| measure | raw JAX | eqx_rng | eqx_rng / raw JAX, per round |")
+    print("| --- | ---: | ---: | ---: |")
+    for key, label in (("first_s", "wall"), ("first_cpu_s", "CPU (process)")):
+        a = [x[key] for x in runs["raw JAX"]]
+        b = [x[key] for x in runs["eqx_rng"]]
+        ratios = [y / x for x, y in zip(a, b, strict=True)]
+        print(
+            f"| first call, {label} | {_spread(a)} | {_spread(b)} | "
+            f"{_spread(ratios, '{:.2f}x')} |"
+        )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--size", default="C=1", help="C=1 (default) or C=N chains")
     parser.add_argument("--steps", type=int, default=1, help="steps per call")
+    parser.add_argument(
+        "--repeat", type=int, default=0, help="first-call ratio over N fresh rounds"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(_child(args.child, args.size, args.steps)))
+        child = _child(args.child, args.size, args.steps, not args.no_profile)
+        print(json.dumps(child))
         return 0
-    rows = {}
-    for impl in ("raw JAX", "eqx_rng"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", impl, "--size", args.size]
-            + ["--steps", str(args.steps)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        rows[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    if args.repeat:
+        return repeat(args)
+    rows = {
+        impl: _run_child(impl, args, profile=True) for impl in ("raw JAX", "eqx_rng")
+    }
     raw, ours = rows["raw JAX"], rows["eqx_rng"]
     print(
         f"{args.size}, {args.steps} step(s) per call; seconds, first call (cProfile on)"

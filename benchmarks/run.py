@@ -11,6 +11,7 @@ python benchmarks/run.py --quick       # smoke run, well under a minute
 python benchmarks/run.py --gpu         # throughput: up to 1024 chains, hidden 1024
 python benchmarks/run.py --gpu --quick # the same, 1-4 chains (a CPU smoke check)
 python benchmarks/run.py --profile     # also cProfile the dispatch path (tiny size)
+python benchmarks/run.py --smoke       # every workload once at toy sizes (the tests)
 ```
 `--out DIR` (default `benchmarks/results/`; `-` to only print) receives
 `results.json` and `results.md`. `make bench ARGS="--quick"` runs it through make.
@@ -231,6 +232,8 @@ def typecheck_compare(suite: _suites.Suite, args, main_sizes: list[dict]) -> dic
         cmd = [sys.executable, __file__, "--child-typecheck", path]
         if args.quick:
             cmd.append("--quick")
+        if args.smoke:
+            cmd.append("--smoke")
         if args.rounds:
             cmd += ["--rounds", str(args.rounds)]
         if args.sizes:
@@ -280,15 +283,17 @@ def forward_suite(suite: _suites.Suite) -> dict:
     size = next(s for s in suite.sizes if s.name == suite.roles["cmax"])
     log(f"[forward] {size.name}: chains x batch forward, eqx_rng.vmap vs jax.vmap")
     data = make_data(size)
-    diff = _forward.same_numbers(size, data)
+    runners = _forward.runners(size, data)
     measured = _harness.measure(
-        _forward.runners(size, data),
+        runners,
         round_s=suite.round_s,
         budget_s=suite.budget_s.get(size.name, 0.0) / 2,
         min_rounds=suite.min_rounds,
         max_rounds=suite.max_rounds,
+        memory=suite.memory_sizes is None or size.name in suite.memory_sizes,
         log=log,
     )
+    diff = _forward.same_numbers(runners)
     return {
         "size": {**size.__dict__, "examples_per_step": size.examples_per_step},
         "rounds": len(measured[0].per_step_s),
@@ -317,7 +322,8 @@ def profile(size: Size, out_dir: Path | None, n_calls: int) -> list[str]:
 
 def gpu_suite(args, suite: _suites.Suite) -> dict:
     platform_ = jax.devices()[0].platform
-    peak_n = 4096 if platform_ != "cpu" else (512 if args.quick else 1024)
+    small = 256 if args.smoke else 512 if args.quick else 1024
+    peak_n = 4096 if platform_ != "cpu" else small
     peak = _harness.matmul_peak_flops(peak_n)
     log(f"[gpu] matmul peak {peak / 1e9:.1f} GFLOP/s ({peak_n}^2 float32)")
     stats = jax.devices()[0].memory_stats()
@@ -339,6 +345,7 @@ def gpu_suite(args, suite: _suites.Suite) -> dict:
         sr = run_sizes(
             [size],
             suite,
+            memory_sizes=suite.memory_sizes,
             impls=(_raw_jax, _eqx_rng),
             variants={_raw_jax.NAME: ("step",), _eqx_rng.NAME: ("step",)},
         )[0]
@@ -380,10 +387,28 @@ def _checkpoint_io_text(results: dict) -> str:
     return "\n" + _checkpoint_io.markdown(results["checkpoint_io"])
 
 
+def _compilation_cache() -> None:
+    """For `--smoke`: programs that several workloads compile alike (the training
+    steps again in the typecheck child and in the `--gpu` code path) are compiled
+    once, through a compilation cache for this run only (the child inherits it)."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax-cache-")
+    jax.config.update(
+        "jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"]
+    )
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (< 1 minute)")
     parser.add_argument("--gpu", action="store_true", help="chains x batch throughput")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every workload (the --gpu one too) once at toy sizes: a test, no timings",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument(
@@ -423,9 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         print(text + f"\nWall time: {results['wall_s']:.0f} s.")
         return 0
 
-    if args.quick and "xla_backend_optimization_level" not in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
+    if args.smoke and args.gpu:
+        parser.error("--smoke runs the --gpu code path too; pass one of them")
+    if args.smoke:
+        _compilation_cache()
+    if (
+        args.quick or args.smoke
+    ) and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         # A smoke run: compile ~3x faster with XLA's backend optimisations off (read
         # when the backend starts, which nothing has done yet). Its timings are not
         # representative and are not reported anywhere.
@@ -433,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["XLA_FLAGS"] = flags.strip()
     if args.gpu:
         suite = _suites.gpu(args.quick)
+    elif args.smoke:
+        suite = _suites.smoke()
     else:
         suite = _suites.quick() if args.quick else _suites.full()
     if args.rounds:
@@ -449,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = tuple(s for s in suite.sizes if s.name in names)
         suite = _suites.dataclasses.replace(suite, sizes=sizes)
     start = time.perf_counter()
-    _harness.warm_up_jax()
+    if not args.smoke:  # a smoke run compares no first calls
+        _harness.warm_up_jax()
     if args.child_typecheck:
         typecheck_child(suite, args.child_typecheck)
         return 0
@@ -503,10 +535,12 @@ def main(argv: list[str] | None = None) -> int:
             results["checks"] += results["profile"]
         mb = args.checkpoint_mb
         if mb is None:
-            mb = 8.0 if args.quick else 256.0
+            mb = 8.0 if args.quick or args.smoke else 256.0
         if mb > 0:
-            rounds = 2 if args.quick else 5
+            rounds = 2 if args.quick or args.smoke else 5
             results["checkpoint_io"] = _checkpoint_io.run(mb, rounds, log=log)
+        if args.smoke:
+            results["gpu"] = gpu_suite(args, _suites.gpu_smoke())
     results["wall_s"] = time.perf_counter() - start
     text = _report.markdown(results) + _checkpoint_io_text(results)
     text += "\n" + _perf.markdown(results)

@@ -5,6 +5,11 @@ The callable flattens its arguments once per call and hands them to a `Dispatche
 `jax.jit` function of the flat array leaves. The callable itself (`fn`) is flattened
 once, when it is wrapped: a Module or a bound method of a Module contributes its
 arrays as traced arguments, as `eqx.filter_jit` does for a Module.
+
+A call that repeats the last one's pattern (same number of positional arguments, no
+keyword arguments) takes a shorter path, `_Plan`: per argument position it knows
+what came last time (a concrete array, an `eqx.nn.State`, any other pytree) and
+checks only what could differ.
 """
 
 import functools
@@ -18,7 +23,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from ._dispatch import Dispatcher, Entry
+from ._dispatch import Dispatcher, Entry, Split
 from ._typecheck import typecheck
 
 # donate= -> (donate the first argument, donate the rest, silence JAX's warning
@@ -35,6 +40,10 @@ _UNUSED_DONATION = "Some donated buffers were not usable*"
 _EQX_ERROR = re.compile(r"_EquinoxRuntimeError: (.*?)(?:\n\s*\n|\Z)", re.DOTALL)
 _EMPTY = jtu.tree_flatten({})
 _LEAF = jtu.tree_structure(0)
+_NO_LEAVES: list = []
+_State = eqx.nn.State
+# Kinds of argument position in a `_Plan`.
+_ARRAY, _STATE, _TREE = 0, 1, 2
 
 
 def _runtime_error(err: BaseException) -> BaseException | None:
@@ -96,14 +105,149 @@ class _ArgCache:
         self.frozen: bool | None = None  # None: not checked yet
 
 
+def _state_dict(x: Any) -> dict | None:
+    """The dict inside an `eqx.nn.State` (`StateIndex` marker -> value), or `None`
+    for a State that `State.set` has invalidated (or a future Equinox that stores it
+    differently): the caller then flattens the State, which raises Equinox's own
+    error for a stale State."""
+    d = getattr(x, "_state", None)
+    return d if type(d) is dict else None
+
+
+class _Slot:
+    """One positional argument of a `_Plan`: its kind and split; for a State, its
+    keys and the structure of its values; for a Module, the object seen last
+    (`ref`), whether its containers are all immutable (`frozen`, checked when the
+    same object comes a second time) and its dynamic leaves."""
+
+    __slots__ = ("kind", "split", "ref", "frozen", "dyn", "keys", "layout", "values_td")
+
+    def __init__(self, kind: int, split: Split):
+        self.kind = kind
+        self.split = split
+        self.ref: Callable[[], Any] = _dead
+        self.frozen: bool | None = None  # None: not checked for this object yet
+        self.dyn: list = []
+        self.keys: tuple = ()
+        # Per State value: `None` for an array, `n` for a tuple of n arrays; or
+        # `()` when some value is another pytree (then `values_td` is compared).
+        self.layout: tuple = ()
+        self.values_td: Any = None
+
+    def state(self, x: Any, concrete: frozenset) -> list | None:
+        """The leaves of `eqx.nn.State` `x` (in `State.tree_flatten`'s order), or
+        `None` if it does not fit."""
+        state = _state_dict(x) if type(x) is _State else None
+        if state is None or tuple(state) != self.keys:
+            return None
+        if not self.layout:
+            leaves, td = jtu.tree_flatten(tuple(state.values()))
+            if td != self.values_td:
+                return None
+        else:
+            leaves = []
+            for v, n in zip(state.values(), self.layout, strict=True):
+                if n is None:
+                    leaves.append(v)
+                elif type(v) is tuple and len(v) == n:
+                    leaves.extend(v)
+                else:
+                    return None
+        return leaves if concrete.issuperset(map(type, leaves)) else None
+
+    def tree(self, x: Any, concrete: frozenset) -> list | None:
+        """The dynamic leaves of pytree `x`, or `None` if it does not fit."""
+        if self.frozen and self.ref() is x:
+            return self.dyn
+        leaves, treedef = jtu.tree_flatten(x)
+        if not self.split.matches(leaves, treedef, concrete):
+            return None
+        dyn = self.split.dynamic(leaves)
+        if isinstance(x, eqx.Module):
+            if self.ref() is not x:
+                self.ref, self.frozen = weakref.ref(x), None
+            elif self.frozen is None:
+                self.frozen = _frozen(x)  # the second time: worth checking, once
+            self.dyn = dyn
+        return dyn
+
+
+def _dead() -> None:
+    return None
+
+
+def _layout(values: Any, concrete: frozenset) -> tuple:
+    """`_Slot.layout` for the values of a State: `()` unless every value is an
+    array or a tuple of arrays."""
+    layout = []
+    for v in values:
+        if type(v) in concrete:
+            layout.append(None)
+        elif type(v) is tuple and all(type(y) in concrete for y in v):
+            layout.append(len(v))
+        else:
+            return ()
+    return tuple(layout)
+
+
+class _Plan:
+    """The last call's variant, and what its positional arguments were."""
+
+    __slots__ = ("d", "e", "n", "fn_dyn", "slots")
+
+    def __init__(self, d: Dispatcher, e: Entry, args: tuple, flat: list):
+        self.d, self.e, self.n = d, e, len(args)
+        self.fn_dyn = e.splits[0].dynamic(flat[0][0])
+        concrete = d.concrete
+        self.slots: list[_Slot] = []
+        for x, split in zip(args, e.splits[1:-1], strict=True):
+            if type(x) in concrete:
+                slot = _Slot(_ARRAY, split)
+            elif type(x) is _State and split.get_dynamic is None:
+                state = _state_dict(x)
+                slot = _Slot(_STATE if state is not None else _TREE, split)
+                if state is not None:
+                    slot.keys = tuple(state)
+                    slot.values_td = jtu.tree_structure(tuple(state.values()))
+                    slot.layout = _layout(state.values(), concrete)
+            else:
+                slot = _Slot(_TREE, split)
+                slot.tree(x, concrete)
+            self.slots.append(slot)
+
+    def dynamic(self, args: tuple) -> list | None:
+        """The dynamic leaves of each dispatcher argument, or `None` if `args` may
+        not fit the variant (the caller then takes the general path)."""
+        concrete = self.d.concrete
+        out = [self.fn_dyn]
+        for slot, x in zip(self.slots, args, strict=True):
+            kind = slot.kind
+            if kind is _ARRAY:
+                if type(x) not in concrete:
+                    return None
+                out.append([x])
+            elif kind is _STATE:
+                leaves = slot.state(x, concrete)
+                if leaves is None:
+                    return None
+                out.append(leaves)
+            else:
+                dyn = slot.tree(x, concrete)
+                if dyn is None:
+                    return None
+                out.append(dyn)
+        out.append(_NO_LEAVES)
+        return out
+
+
 class _Jitted:
     """The callable that `eqx_rng.jit` returns (see its docstring).
 
     Fast path: `fn` was flattened once, when wrapped. Each positional argument is
     a dispatcher argument of its own: a concrete array is passed as it is, a Module
-    seen at the same position last call is not flattened again, anything else is
-    flattened; the keyword arguments are flattened together. One `Dispatcher` per
-    number of positional arguments.
+    seen at the same position last call is not flattened again, an `eqx.nn.State`
+    is read from its dict, anything else is flattened; the keyword arguments are
+    flattened together. One `Dispatcher` per number of positional arguments.
     """
 
     def __init__(self, fn: Callable, donate: str):
@@ -117,6 +261,7 @@ class _Jitted:
         self._signature: inspect.Signature | None = None
         self._checked_entry: Entry | None = None
         self._checked: list = []
+        self._plan: _Plan | None = None
         functools.update_wrapper(self, fn, updated=())
 
     def __repr__(self) -> str:
@@ -189,6 +334,11 @@ class _Jitted:
         return True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        plan = self._plan
+        if plan is not None and not kwargs and len(args) == plan.n:
+            dynamic = plan.dynamic(args)
+            if dynamic is not None:
+                return self._run(plan.d, plan.e, dynamic)
         d, flat = self._flat(args, kwargs)
         e = d.last_entry
         if e is None or not self._fits(e, flat, d.concrete):
@@ -197,13 +347,17 @@ class _Jitted:
             # A tracer among the leaves: inside jit / vmap / grad / scan, run inline.
             return _call_parts(*[tr.unflatten(leaves) for leaves, tr in flat])
         dynamic = [s.dynamic(lv) for s, (lv, _) in zip(e.splits, flat, strict=True)]
+        self._plan = None if kwargs else _Plan(d, e, args, flat)
+        return self._run(d, e, dynamic)
+
+    def _run(self, d: Dispatcher, e: Entry, dynamic: list) -> Any:
         if self._silence:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
-                outs = d.run(e, dynamic)
+                outs, desc = d.run(e, dynamic)
         else:
-            outs = d.run(e, dynamic)
-        return d.unflatten_outputs(e, outs)
+            outs, desc = d.run(e, dynamic)
+        return d.unflatten_outputs(desc, outs)
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         """`jax.stages.Lowered` of the compiled variant for these arguments (its

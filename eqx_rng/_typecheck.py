@@ -3,6 +3,14 @@
 Checks run when a function is called; under `jax.jit` that is once, at trace time, so
 they cost nothing in the compiled program. Set the environment variable
 `EQX_RNG_TYPECHECK=0` before importing `eqx_rng` to turn them off.
+
+A check costs about a millisecond (jaxtyping and beartype walk every annotation), and
+a traced model calls the same layer with the same argument types many times (two
+Dropouts, a chain of blocks, a scan body traced again, `derive` per step). So each
+checked function remembers the signatures it has passed (`_signature`: the
+arguments' tree structure, each array's type, shape and dtype, every other leaf's
+type and value) and does not check one again. Whether a call passes depends only on
+these, so no check is lost.
 """
 
 import functools
@@ -11,6 +19,9 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import jax
+import jax.tree_util as jtu
+import numpy as np
 from beartype import beartype
 from jaxtyping import TypeCheckError, jaxtyped
 
@@ -37,6 +48,56 @@ def typecheck_enabled() -> bool:
         ```
     """
     return _ENABLED
+
+
+# Signatures remembered per checked function (oldest forgotten first).
+_MAX_SIGNATURES = 256
+
+
+def _signature(args: tuple, kwargs: dict) -> Any:
+    """A hashable description of a call's arguments on which the check's outcome
+    depends, or `None` if one cannot be made (an unhashable leaf or static field).
+
+    Arrays (concrete, NumPy or tracers) are described by type, shape and dtype,
+    other leaves by type and value; the tree structure includes Modules' static
+    fields.
+    """
+    leaves, treedef = jtu.tree_flatten((args, kwargs))
+    parts: list = [treedef]
+    for x in leaves:
+        if isinstance(x, jax.Array | np.ndarray):
+            parts.append((type(x), x.shape, x.dtype))
+        else:
+            parts.append((type(x), x))
+    key = tuple(parts)
+    try:
+        hash(key)
+    except (TypeError, ValueError):
+        return None
+    return key
+
+
+class _Seen:
+    """The signatures one function has passed, at most `_MAX_SIGNATURES`."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self):
+        self.keys: dict = {}
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            return key in self.keys
+        except (TypeError, ValueError):  # a static leaf whose `==` is not a bool
+            return False
+
+    def add(self, key: Any) -> None:
+        try:
+            self.keys[key] = None
+        except (TypeError, ValueError):
+            return
+        if len(self.keys) > _MAX_SIGNATURES:
+            del self.keys[next(iter(self.keys))]
 
 
 def _legacy_key_params(fn: Callable[..., Any], args: tuple, kwargs: dict) -> list[str]:
@@ -89,6 +150,10 @@ def typecheck(fn: _T) -> _T:
     `jax.jit` the check runs once, at trace time. A no-op when `EQX_RNG_TYPECHECK=0`
     was set before import.
 
+    A function checks each signature once: a call whose arguments have the tree
+    structure, array types, shapes and dtypes, and other values of a call that
+    passed (arguments and return value) is not checked again.
+
     **Arguments:**
 
     - `fn`: A function, method or dataclass (for example an `eqx.Module`).
@@ -120,11 +185,15 @@ def typecheck(fn: _T) -> _T:
     if isinstance(fn, type):
         return jaxtyped(typechecker=beartype)(fn)
     checked: Callable[..., Any] = jaxtyped(typechecker=beartype)(fn)  # type: ignore[arg-type]
+    seen = _Seen()
 
     @functools.wraps(fn)  # type: ignore[arg-type]
     def wrapper(*args, **kwargs):
+        key = _signature(args, kwargs)
+        if key is not None and key in seen:
+            return fn(*args, **kwargs)  # type: ignore[operator]
         try:
-            return checked(*args, **kwargs)
+            out = checked(*args, **kwargs)
         except TypeCheckError:
             # A legacy key is the commonest cause for a user coming from
             # `jax.random.PRNGKey`: a short error whose first line is the fix,
@@ -134,5 +203,8 @@ def typecheck(fn: _T) -> _T:
                 name = _call_name(fn, args)  # type: ignore[arg-type]
                 raise _legacy_key_error(name, params) from None
             raise
+        if key is not None:
+            seen.add(key)
+        return out
 
     return wrapper  # type: ignore[return-value]

@@ -1,5 +1,6 @@
 """`eqx_rng.jit`: `eqx.filter_jit`'s results and retracing, at `jax.jit`'s dispatch."""
 
+import collections
 import warnings
 from collections.abc import Callable
 
@@ -211,3 +212,150 @@ def test_lower_gives_the_compiled_program():
     compiled = fast.lower(x).compile()  # type: ignore[attr-defined]
     assert compiled.memory_analysis() is not None
     assert "eqx_rng.jit" in repr(fast)
+
+
+def test_static_outputs_follow_the_shapes_of_each_call():
+    # A new shape retraces the same variant; each trace's static outputs come back
+    # with its own calls (the shape of an earlier call is not returned later).
+    fast = eqx_rng.jit(lambda x: (x * 2, x.shape, len(x)))
+    for n in (3, 4, 3, 5, 4):
+        y, shape, length = fast(jnp.ones(n))
+        assert shape == (n,) and length == n and y.shape == (n,)
+
+
+class _Counter(eqx.Module):
+    index: eqx.nn.StateIndex
+
+    def __init__(self):
+        self.index = eqx.nn.StateIndex((jnp.zeros(2), jnp.zeros(())))
+
+    def __call__(self, x, state):
+        total, count = state.get(self.index)
+        return x + total, state.set(self.index, (total + x, count + 1))
+
+
+def test_state_fast_path_follows_state_set():
+    counter, state = eqx.nn.make_with_state(_Counter)()
+    fast, ref = eqx_rng.jit(counter), eqx.filter_jit(counter)
+    ref_state = jax.tree.map(jnp.copy, state)
+    x = jnp.array([1.0, 2.0])
+    for _ in range(4):  # the returned State is fed back: new values every call
+        y, state = fast(x, state)
+        want, ref_state = ref(x, ref_state)
+        assert tree_allclose(y, want)
+        assert tree_allclose(state, ref_state)
+    # A State changed with `State.set` outside the jitted call is read afresh.
+    state = state.set(counter.index, (jnp.full(2, 10.0, jnp.float32), jnp.zeros(())))
+    y, _ = fast(x, state)
+    assert jnp.array_equal(y, jnp.full(2, 10.0) + x)
+
+
+def test_state_of_another_structure_or_dtype_is_not_mixed_up():
+    counter, state = eqx.nn.make_with_state(_Counter)()
+    f = Counted(lambda x, state: counter(x, state))
+    fast = eqx_rng.jit(f)
+    x = jnp.ones(2)
+    fast(x, state)
+    fast(x, state)
+    assert f.traces == 1
+    # The same keys with values of another dtype: a new trace, the right numbers.
+    wide = eqx.nn.State.tree_unflatten(
+        tuple(state._state),  # type: ignore[arg-type]  # noqa: SLF001
+        ((jnp.ones(2, jnp.float16), jnp.zeros((), jnp.float16)),),
+    )
+    y, new = fast(x.astype(jnp.float16), wide)
+    assert f.traces == 2 and y.dtype == jnp.float16
+    assert jnp.array_equal(y, jnp.full(2, 2.0, jnp.float16))
+    # A State with other keys (another model's): compiled separately.
+    other, other_state = eqx.nn.make_with_state(lambda: [_Counter(), _Counter()])()
+    g = eqx_rng.jit(lambda x, s: other[1](x, s))
+    y, _ = g(x, other_state)
+    assert jnp.array_equal(y, x)
+    three = (jnp.full(2, 3.0, jnp.float32), jnp.zeros(()))
+    y, _ = g(x, other_state.set(other[1].index, three))
+    assert jnp.array_equal(y, x + 3.0)
+    # `state` (one Counter's keys) where `other_state` (two) was: refused by the
+    # model, as without `eqx_rng.jit`, not read as the other structure.
+    with pytest.raises(KeyError):
+        g(x, state)
+
+
+def test_stale_state_is_refused_as_equinox_refuses_it():
+    counter, state = eqx.nn.make_with_state(_Counter)()
+    fast = eqx_rng.jit(counter)
+    x = jnp.ones(2)
+    fast(x, state)
+    fast(x, state)  # the shorter path is in use
+    state.set(counter.index, (jnp.ones(2), jnp.zeros(())))  # invalidates `state`
+    with pytest.raises(ValueError, match="Attempted to use old state"):
+        fast(x, state)
+    with pytest.raises(ValueError, match="Attempted to use old state"):
+        eqx.filter_jit(counter)(x, state)
+
+
+def test_equinox_state_layout_that_the_fast_path_reads():
+    # `eqx_rng.jit` reads an `eqx.nn.State`'s leaves from its private dict
+    # (`State._state`, values in `State.tree_flatten`'s order). If Equinox changes
+    # that, this test fails; `eqx_rng.jit` itself falls back to flattening.
+    counter, state = eqx.nn.make_with_state(_Counter)()
+    inner = state._state  # noqa: SLF001
+    assert type(inner) is dict
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    assert leaves == jax.tree_util.tree_leaves(tuple(inner.values()))
+    assert treedef.node_data()[1] == tuple(inner)  # type: ignore[index]
+    new = state.set(counter.index, (jnp.ones(2), jnp.ones(())))
+    assert type(state._state) is not dict  # noqa: SLF001
+    assert type(new._state) is dict  # noqa: SLF001
+
+
+def test_module_outputs_are_rebuilt_as_equinox_does():
+    # A Module returned by the jitted function is rebuilt by a per-structure
+    # builder; it equals what `eqx.filter_jit` returns, field by field.
+    model = _scaled()
+
+    def shifted(model, x):
+        linear = eqx.tree_at(lambda l: l.bias, model.linear, model.linear.bias + x)
+        return eqx.tree_at(lambda m: m.linear, model, linear), model.depth
+
+    fast, ref = eqx_rng.jit(shifted), eqx.filter_jit(shifted)
+    x = jnp.arange(3.0)
+    for _ in range(3):
+        got, want = fast(model, x), ref(model, x)
+        assert tree_allclose(got, want)
+        assert type(got[0]) is Scaled and vars(got[0]).keys() == vars(want[0]).keys()
+        assert got[0].act is jax.nn.tanh and got[0].depth == 2
+
+
+def test_rebuilder_matches_unflatten_on_mixed_trees():
+    # The per-structure builder behind rebuilt outputs: every node kind gives what
+    # `tree_unflatten` gives; subtrees without arrays that could be changed in
+    # place (a list) are built anew each time, immutable ones may be shared.
+    from eqx_rng._rebuild import DYNAMIC, rebuilder
+
+    counter, state = eqx.nn.make_with_state(_Counter)()
+    Pair = collections.namedtuple("Pair", "a b")
+    tree = {
+        "model": _scaled(),
+        "state": state,
+        "pair": Pair(jnp.ones(2), [None, 3, "s"]),
+        "empty": [],
+        "static": (eqx_rng.nn.Dropout(0.5), None),
+    }
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    template = tuple(DYNAMIC if eqx.is_array(x) else x for x in leaves)
+    rebuild = rebuilder(treedef, template)
+    assert rebuild is not None
+    new = [jnp.full(jnp.shape(x), 7.0) for x in leaves if eqx.is_array(x)]
+    it = iter(new)
+    want = treedef.unflatten([next(it) if eqx.is_array(x) else x for x in leaves])
+    got, again = rebuild(new), rebuild(new)
+    assert jax.tree.structure(got) == treedef
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    assert all(a is b for a, b in zip(got_leaves, want_leaves, strict=True))
+    assert vars(got["model"]).keys() == vars(want["model"]).keys()
+    assert got["pair"].b is not again["pair"].b  # a list: never shared
+    assert got["state"] is not again["state"]  # a State: never shared
+    assert got["state"].get(counter.index)[0] is want["state"].get(counter.index)[0]
+    # Nothing dynamic: the caller's own path is kept.
+    static_leaves, static_def = jax.tree_util.tree_flatten((1, "a"))
+    assert rebuilder(static_def, tuple(static_leaves)) is None

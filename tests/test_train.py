@@ -629,3 +629,69 @@ def test_chain_batched_train_state_can_be_built_directly():
     )
     assert metrics["loss"].shape == (chains,)
     assert jnp.array_equal(new.step, jnp.ones(chains, jnp.int32))
+
+
+def _outline(tree) -> list:
+    """Every node's type and, for a Module, its `__dict__` keys in order."""
+    out: list = []
+
+    def visit(x):
+        out.append(type(x))
+        if isinstance(x, eqx.Module):
+            out.append(tuple(vars(x)))
+        children, node = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+        if not jax.tree_util.treedef_is_leaf(node):
+            for c in children:
+                visit(c)
+
+    visit(tree)
+    return out
+
+
+def test_returned_train_state_is_rebuilt_bitwise_as_unflattening_does():
+    # The fast path rebuilds the returned TrainState with a per-structure builder
+    # (`eqx_rng._rebuild`) instead of `jax.tree_util.tree_unflatten`. The result is
+    # the same tree: the same arrays bit for bit, the same Modules with the same
+    # fields, also after feeding it back and after a structure change.
+    class Net(eqx.Module):
+        mlp: eqx.nn.MLP
+        bn: eqx_rng.nn.BatchNorm
+        drop: eqx_rng.nn.Dropout
+
+        def __init__(self, key):
+            self.mlp = eqx.nn.MLP(D, 1, H, 1, key=key)
+            self.bn = eqx_rng.nn.BatchNorm(D)
+            self.drop = eqx_rng.nn.Dropout(0.1)
+
+        def __call__(self, x, state, *, key):
+            h, state = self.bn(x, state)
+            return self.mlp(self.drop(h, key=key)), state
+
+    def loss_fn(model, state, batch, *, key):
+        x, y = batch
+        keys = jr.split(key, x.shape[0])
+        pred, state = eqx_rng.vmap(
+            lambda x, k, s: model(x, s, key=k), axis_name="batch"
+        )(x, keys, state)
+        return jnp.mean((pred - y) ** 2), (state, {})
+
+    model, state = eqx.nn.make_with_state(Net)(jr.key(0))
+    opt = optax.adam(1e-2)
+    ts_fast = ts_ref = eqx_rng.TrainState.create(model, opt, key=1, state=state)
+    step = eqx_rng.make_train_step(loss_fn, opt)
+    reference = eqx.filter_jit(step)  # traced inline: the old unflattening path
+    for t in range(3):
+        ts_fast, m_fast = step(ts_fast, _batch(t))
+        ts_ref, m_ref = reference(ts_ref, _batch(t))
+        assert _bits_equal(ts_fast, ts_ref) and _bits_equal(m_fast, m_ref)
+        assert _outline(ts_fast) == _outline(ts_ref)
+        assert jax.tree.structure(ts_fast) == jax.tree.structure(ts_ref)
+        # Fields are ordinary Modules: updating one is plain Equinox.
+        assert isinstance(ts_fast.model.mlp.layers[0], eqx.nn.Linear)
+    bumped = eqx.tree_at(lambda ts: ts.model.drop, ts_fast, eqx_rng.nn.Dropout(0.2))
+    ts_fast, _ = step(bumped, _batch(3))
+    ts_ref, _ = reference(
+        eqx.tree_at(lambda ts: ts.model.drop, ts_ref, eqx_rng.nn.Dropout(0.2)),
+        _batch(3),
+    )
+    assert _bits_equal(ts_fast, ts_ref) and _outline(ts_fast) == _outline(ts_ref)

@@ -1,10 +1,11 @@
-from typing import Any
+from typing import Annotated, Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import pytest
+from beartype.vale import Is
 from helpers import run_python
 from jaxtyping import Array, Float, TypeCheckError
 
@@ -93,3 +94,62 @@ def test_uint32_pair_that_is_not_a_key_is_not_blamed():
     with pytest.raises(TypeCheckError, match="Type-check error") as info:
         eqx_rng.example_keys("not a key", ids)  # type: ignore[arg-type]
     assert "as_key" not in str(info.value).splitlines()[0]
+
+
+# A parameter annotated `_Tag` records every check of it.
+_CHECKS: list[str] = []
+_Tag = Annotated[str, Is[lambda s: _CHECKS.append(s) is None]]
+
+
+def test_each_signature_is_checked_once():
+    @eqx_rng.typecheck
+    def f(x: Float[Array, " n"], tag: _Tag) -> Float[Array, " n"]:
+        return 2 * x
+
+    _CHECKS.clear()
+    f(jnp.ones(3), "a")
+    first = len(_CHECKS)
+    assert first >= 1
+    f(jnp.zeros(3), "a")  # new values, same signature: not checked again
+    assert len(_CHECKS) == first
+    f(jnp.ones(4), "a")  # a new shape: checked
+    f(jnp.ones(3), "b")  # a new non-array value: checked
+    f(jnp.ones(3, jnp.float16), "a")  # a new dtype: checked
+    assert len(_CHECKS) == 4 * first
+    # A layer called twice in one trace (and in a retrace) is checked once.
+    jax.jit(lambda x: f(f(x, "a"), "a"))(jnp.ones(3))
+    jax.jit(lambda x: f(f(x, "a"), "a") + 1)(jnp.ones(3))
+    assert len(_CHECKS) == 5 * first
+
+
+def test_a_remembered_signature_does_not_hide_a_failing_call():
+    @eqx_rng.typecheck
+    def pair(x: Float[Array, " n"], y: Float[Array, " n"]) -> Float[Array, " n"]:
+        return x + y
+
+    pair(jnp.ones(3), jnp.ones(3))
+    pair(jnp.ones(3), jnp.ones(3))
+    with pytest.raises(TypeCheckError, match=r"(?s)parameter 'y'.*n=3"):
+        pair(jnp.ones(3), jnp.ones(4))
+    with pytest.raises(TypeCheckError):
+        pair(jnp.ones(3), jnp.ones(3, jnp.int32))  # type: ignore[arg-type]
+
+    @eqx_rng.typecheck
+    def bad_return(x: Float[Array, " n"]) -> Float[Array, " n"]:
+        return x[:1] if x.shape[0] > 1 else x
+
+    bad_return(jnp.ones(1))
+    with pytest.raises(TypeCheckError, match="return"):
+        bad_return(jnp.ones(2))  # the return value is checked for a new signature
+
+
+def test_unhashable_arguments_are_checked_every_time():
+    @eqx_rng.typecheck
+    def f(x: Float[Array, " n"], tag: _Tag, extra: Any) -> Float[Array, " n"]:
+        return x
+
+    _CHECKS.clear()
+    f(jnp.ones(2), "a", {1})
+    first = len(_CHECKS)
+    f(jnp.ones(2), "a", {1})  # a set leaf: no signature, checked again
+    assert len(_CHECKS) == 2 * first

@@ -102,18 +102,16 @@ class _TrainStep:
     def _run(
         self, e: Entry, key: Any, donated: list, batch_leaves: list
     ) -> tuple[TrainState, Any]:
-        out, metrics = self._dispatch.run(
+        (out, metrics), desc = self._dispatch.run(
             e, [donated, [key], e.splits[2].dynamic(batch_leaves)]
         )
-        out_splits = e.out_splits
-        assert out_splits is not None
-        model, state, opt_state, step = out_splits[0].unflatten(out)
+        model, state, opt_state, step = desc.splits[0].rebuild(out)
         new_ts = new_train_state(model, state, opt_state, key, step)
-        if e.closed(0, 0):
+        if desc.closed(0, e.splits[0]):
             self._last_out = (weakref.ref(new_ts, self._forget), e, out)
         else:
             self._last_out = None
-        return new_ts, e.output(1, metrics)
+        return new_ts, desc.output(1, metrics)
 
 
 @typecheck
