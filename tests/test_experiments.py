@@ -24,11 +24,6 @@ from helpers import REPO
 
 import eqx_rng
 
-# The digits tests share the runs of two module fixtures, which pytest-xdist would
-# repeat in each worker: `make test` distributes with `--dist loadgroup`, which keeps
-# this module's tests in one worker.
-pytestmark = pytest.mark.xdist_group("experiments")
-
 EXPERIMENTS = REPO / "experiments"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
