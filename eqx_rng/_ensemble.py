@@ -88,10 +88,9 @@ _build_jitted = eqx.filter_jit(_build)
 
 
 def _static_parts_hashable(make: Callable, args: tuple, kwargs: dict) -> bool:
-    static = jtu.tree_leaves((args, kwargs), is_leaf=lambda x: x is None)
     try:
         hash(make)
-        for leaf in static:
+        for leaf in jtu.tree_leaves((args, kwargs)):
             if not eqx.is_array(leaf):
                 hash(leaf)
     except TypeError:
