@@ -179,3 +179,34 @@ def test_unhashable_static_argument_is_built_eagerly(getkey):
     assert jnp.array_equal(scales, jnp.full((3,), 3.0, jnp.float32))
     one = eqx.nn.Linear(4, 2, key=eqx_rng.derive(key, 1))
     assert jnp.array_equal(models.weight[1], one.weight)
+
+
+def test_numpy_scalar_argument_stays_concrete(getkey):
+    # A width computed with NumPy (`np.prod(shape)`) is an `np.int64`, which
+    # `eqx.filter_jit` would trace as an array; `make` needs it as a number.
+    key = getkey()
+
+    def make(width, *, key):
+        return eqx.nn.Linear(int(width), 2, key=key)
+
+    width = np.prod((2, 2))
+    models = eqx_rng.ensemble(make, key, 3, width)
+    assert models.weight.shape == (3, 2, 4)
+    one = make(width, key=eqx_rng.derive(key, 2))
+    assert jnp.array_equal(models.weight[2], one.weight)
+    # Same value, another NumPy type: its own build, the same chains.
+    again = eqx_rng.ensemble(make, key, 3, np.int32(4))
+    assert _bitwise(again, models)
+
+
+def test_make_reading_an_array_argument_is_built_eagerly(getkey):
+    key = getkey()
+
+    def make(scale, *, key):
+        w = jr.normal(key, (2,))
+        return 2 * w if scale > 1 else w
+
+    scale = jnp.float32(1.5)
+    chains = eqx_rng.ensemble(make, key, 3, scale)
+    for c in range(3):
+        assert jnp.array_equal(chains[c], make(scale, key=eqx_rng.derive(key, c)))
