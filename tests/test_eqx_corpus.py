@@ -1,0 +1,482 @@
+"""The fast paths on models written the way Equinox's examples write them.
+
+Every model of `tests/eqx_corpus/` goes through:
+
+- `eqx_rng.jit` against `eqx.filter_jit` on the same function and arguments, over
+  repeated calls (the State fed back, a State changed with `State.set`, a new Module
+  of the same structure, the same Module again, new shapes, a keyword argument), a
+  bound method, and a hand-written Adam step under `donate="all"`;
+- `eqx_rng.ensemble` against building the chains one by one with the same keys,
+  compiled once;
+- `make_train_step` against the hand-written `eqx.filter_jit` step with the same
+  keys, and an `eqx_rng.save` / `load` round trip of its TrainState.
+
+`eqx_rng.jit` and `eqx.filter_jit` trace the same function on the same arrays, so
+their results are compared bit for bit. `make_train_step` is compared bit for bit
+too: its program computes the same loss, gradients and Adam update (it also computes
+metrics, which do not feed into the update).
+"""
+
+import functools
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+from eqx_corpus import CASES, Case
+from eqx_corpus._fields import Fields
+from eqx_corpus._stateful import Stateful
+from eqx_corpus._vision import LATENT, gan_scores
+
+import eqx_rng
+from eqx_rng._util import is_typed_key
+
+_BY_NAME = {c.name: c for c in CASES}
+_CHAINS = 3
+_STEPS = 3
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Same tree structure, array leaves equal bit for bit (same dtype and shape;
+    typed keys by their bits), other leaves equal."""
+    la, ta = jtu.tree_flatten(a)
+    lb, tb = jtu.tree_flatten(b)
+    if ta != tb:
+        return False
+    for x, y in zip(la, lb, strict=True):
+        if eqx.is_array(x) != eqx.is_array(y):
+            return False
+        if not eqx.is_array(x):
+            if x != y:
+                return False
+            continue
+        if is_typed_key(x) or is_typed_key(y):
+            if not (is_typed_key(x) and is_typed_key(y)):
+                return False
+            x, y = jr.key_data(x), jr.key_data(y)
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            return False
+    return True
+
+
+def _copy(tree: Any) -> Any:
+    """New buffers for every array (for calls that donate their arguments)."""
+    return jtu.tree_map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, tree)
+
+
+@functools.cache
+def _built(name: str) -> tuple[Any, Any]:
+    """`(model, state)` of a case (`state` is `None` for a stateless model)."""
+    case = _BY_NAME[name]
+    out = case.make(key=jr.key(0))
+    return out if case.stateful else (out, None)
+
+
+@functools.cache
+def _batch_fn(name: str, n: int) -> Any:
+    return jax.jit(lambda t: _BY_NAME[name].batch(t, n))
+
+
+@functools.cache
+def _batch(case: Case, t: int, n: int) -> Any:
+    """`case.batch(t, n)`, compiled once per case and size (built eagerly, the
+    batches' dozens of small operations would each compile), and kept."""
+    return _batch_fn(case.name, n)(t)
+
+
+def _args(case: Case, model: Any, state: Any, x: Any, key: Any) -> tuple:
+    return (model, state, x, key) if case.stateful else (model, x, key)
+
+
+def _state_of(case: Case, out: Any) -> Any:
+    return out[1] if case.stateful else None
+
+
+def _bump(model: Any, state: Any) -> Any:
+    """A new State made with `State.set`: the first entry of `model` that `state`
+    holds, its floating-point arrays plus one (the first State of a tuple)."""
+    if isinstance(state, tuple):
+        return (_bump(model, state[0]), *state[1:])
+    is_index = lambda x: isinstance(x, eqx.nn.StateIndex)
+    for index in jtu.tree_leaves(model, is_leaf=is_index):
+        if is_index(index):
+            try:
+                value = state.get(index)
+            except KeyError:
+                continue  # an entry of another State
+            bumped = jtu.tree_map(
+                lambda v: v + 1 if eqx.is_inexact_array(v) else v, value
+            )
+            return state.set(index, bumped)
+    raise AssertionError("no entry of `model` in `state`")
+
+
+def _scaled(model: Any) -> Any:
+    """A new Module of the same structure with other weights."""
+    return jtu.tree_map(
+        lambda x: 1.5 * x if eqx.is_inexact_array(x) else x,
+        model,
+        is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex),
+    )
+
+
+class _Counted:
+    """`fn`, counting its traces."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.traces = 0
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        self.traces += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def fast_hits(monkeypatch):
+    """How many calls of `eqx_rng.jit` took the repeated-call fast path."""
+    hits = [0]
+    dynamic = eqx_rng._jit._Plan.dynamic
+
+    def counted(self, args):
+        out = dynamic(self, args)
+        hits[0] += out is not None
+        return out
+
+    monkeypatch.setattr(eqx_rng._jit._Plan, "dynamic", counted)
+    return hits
+
+
+# ----------------------------------------------------------------------------------
+# eqx_rng.jit against eqx.filter_jit
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_jit_matches_filter_jit_over_repeated_calls(case, fast_hits):
+    model, state = _built(case.name)
+    ours_fn, ref_fn = _Counted(case.forward), _Counted(case.forward)
+    ours, ref = eqx_rng.jit(ours_fn), eqx.filter_jit(ref_fn)
+    xs = [_batch(case, t, 4)[0] for t in range(3)]
+    keys = [jr.key(100 + t) for t in range(8)]
+    state_ours = state_ref = state
+
+    def call(what, model, x, key, **kwargs):
+        nonlocal state_ours, state_ref
+        a = ours(*_args(case, model, state_ours, x, key), **kwargs)
+        b = ref(*_args(case, model, state_ref, x, key), **kwargs)
+        assert _same(a, b), f"{case.name}: {what}"
+        state_ours, state_ref = _state_of(case, a), _state_of(case, b)
+        return a
+
+    first = call("first call", model, xs[0], keys[0])
+    call("state fed back, new batch", model, xs[1], keys[1])
+    call("the same Module object again", model, xs[2], keys[2])
+    if case.stateful:
+        state_ours, state_ref = _bump(model, state_ours), _bump(model, state_ref)
+        call("a State changed with State.set", model, xs[0], keys[3])
+    scaled = call("a new Module of the same structure", _scaled(model), xs[0], keys[0])
+    assert not _same(scaled, first), "the new Module's weights were not used"
+    call("the first Module again", model, xs[1], keys[4])
+    call("a smaller batch (new shapes)", model, _batch(case, 0, 3)[0], keys[5])
+    call("the first shapes again", model, xs[2], keys[6])
+    x_kw = xs[0]
+    a = ours(*_args(case, model, state_ours, x_kw, None)[:-1], key=keys[7])
+    b = ref(*_args(case, model, state_ref, x_kw, None)[:-1], key=keys[7])
+    assert _same(a, b), f"{case.name}: the key passed by keyword"
+    # One trace per shape; `eqx_rng.jit` also traces the keyword call as a variant
+    # of its own (a documented difference: the same result).
+    assert ref_fn.traces == 2 and ours_fn.traces == 3
+    assert fast_hits[0] >= 5, fast_hits[0]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.method], ids=lambda c: c.name)
+def test_jit_of_a_bound_method_matches_filter_jit(case, fast_hits):
+    model, _ = _built(case.name)
+    assert case.method is not None
+    ours = eqx_rng.jit(getattr(model, case.method))
+    ref = eqx.filter_jit(getattr(model, case.method))
+    for t in range(3):
+        x = _batch(case, t, 4)[0]
+        assert _same(ours(x), ref(x)), f"{case.name}.{case.method}, call {t}"
+    assert fast_hits[0] >= 2
+
+
+def _adam_step(loss_fn, optimizer, model, opt_state, state, batch, key):
+    """A training step as Equinox's examples write one (the optimizer passed as an
+    argument, as in the DCGAN example)."""
+    (loss, (state, _)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
+        model, state, batch, key=key
+    )
+    params = eqx.filter(model, eqx.is_inexact_array)
+    with jax.numpy_dtype_promotion("standard"):  # optax is not strict-clean
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    return eqx.apply_updates(model, updates), opt_state, state, loss
+
+
+_OPTIMIZER = optax.adam(1e-2)
+_ref_step = eqx.filter_jit(_adam_step)
+
+
+@functools.cache
+def _reference_run(name: str) -> list[tuple]:
+    """The hand-written `eqx.filter_jit` step, `_STEPS` times from `_built(name)`:
+    `(model, opt_state, state, loss)` after each step. Step `t` uses the key
+    `derive(key(1), t)`, as a TrainState with `key=1` does."""
+    case = _BY_NAME[name]
+    model, state = _built(name)
+    opt_state = _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+    out = []
+    for t in range(_STEPS):
+        key = eqx_rng.derive(jr.key(1), t)
+        model, opt_state, state, loss = _ref_step(
+            case.loss_fn, _OPTIMIZER, model, opt_state, state, _batch(case, t, 4), key
+        )
+        out.append((model, opt_state, state, loss))
+    return out
+
+
+# Donation on the models where it matters most (a State fed back, weights tied with
+# `eqx.nn.Shared`, non-array fields); the larger programs are left out for time.
+_DONATING = [c for c in CASES if c.name in ("stateful", "tied", "fields", "rnn")]
+
+
+@pytest.mark.parametrize("case", _DONATING, ids=lambda c: c.name)
+def test_jit_donating_training_step_matches_filter_jit(case, fast_hits):
+    model, state = _built(case.name)
+    opt_state = _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+    step = eqx_rng.jit(_adam_step, donate="all")
+    model, opt_state, state = _copy((model, opt_state, state))
+    for t, want in enumerate(_reference_run(case.name)):
+        key = eqx_rng.derive(jr.key(1), t)
+        got = step(
+            case.loss_fn,
+            _OPTIMIZER,
+            model,
+            opt_state,
+            state,
+            _copy(_batch(case, t, 4)),  # donated
+            key,
+        )
+        assert _same(got, want), f"{case.name}: step {t}"
+        model, opt_state, state, _ = got
+    assert fast_hits[0] >= _STEPS - 1
+
+
+# ----------------------------------------------------------------------------------
+# eqx_rng.ensemble against the chains built one by one
+
+
+def _leaves_match(a: Any, b: Any, *, eager: bool = False) -> bool:
+    """The leaves of two builds of a model agree: arrays bit for bit (with `eager`,
+    to a few float32 roundings: see below), other leaves equal or, for objects that
+    compare by identity (the `SharedNode` of `eqx.nn.Shared`, the markers of States
+    made with `eqx.nn.State(model)`), of the same type: each build makes its own."""
+    la, lb = jtu.tree_leaves(a), jtu.tree_leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb, strict=True):
+        if not eqx.is_array(x):
+            by_identity = type(x).__eq__ is object.__eq__
+            if not (x == y or (by_identity and type(x) is type(y))):
+                return False
+        elif not eager:
+            if not _same(x, y):
+                return False
+        else:
+            x, y = np.asarray(x), np.asarray(y)
+            if x.dtype != y.dtype or x.shape != y.shape:
+                return False
+            if np.issubdtype(x.dtype, np.inexact) and x.size:
+                tol = 8 * np.finfo(x.dtype).eps * np.max(np.abs(y))
+                if not np.allclose(x, y, rtol=0, atol=tol):
+                    return False
+            elif not np.array_equal(x, y):
+                return False
+    return True
+
+
+def _chain(tree: Any, c: int) -> Any:
+    return jtu.tree_map(lambda x: x[c] if eqx.is_array(x) else x, tree)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_ensemble_matches_chains_built_one_by_one(case):
+    compiles = []
+
+    def listener(event: str, duration_secs: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    key = jr.key(3)
+    jax.block_until_ready(eqx_rng.derive(key, 0))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        chains = jax.block_until_ready(eqx_rng.ensemble(case.make, key, _CHAINS))
+        assert len(compiles) <= 1, f"{case.name}: {len(compiles)} compiles"
+        compiles.clear()
+        again = jax.block_until_ready(eqx_rng.ensemble(case.make, key, _CHAINS))
+        assert compiles == [], f"{case.name}: the build was compiled again"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert _same(again, chains)
+    # One by one, compiled as the ensemble is: the same bits.
+    make_one = eqx.filter_jit(case.make)
+    for c in range(_CHAINS):
+        one = make_one(key=eqx_rng.derive(key, c))
+        assert _leaves_match(_chain(chains, c), one), f"{case.name}: chain {c}"
+    # Built eagerly, operation by operation, as a user builds one model: XLA may
+    # round a compiled normalisation differently (SpectralNorm's power iteration
+    # divides by a norm: 1-3 float32 ulps seen), so to 8 ulps of each leaf's scale.
+    eager = case.make(key=eqx_rng.derive(key, 1))
+    assert _leaves_match(_chain(chains, 1), eager, eager=True), case.name
+
+
+# ----------------------------------------------------------------------------------
+# make_train_step against the hand-written step; checkpoints
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_train_step_matches_hand_written_step_and_checkpoints(case, tmp_path):
+    model, state = _built(case.name)
+    ts = eqx_rng.TrainState.create(model, _OPTIMIZER, key=1, state=state)
+    step = eqx_rng.make_train_step(case.loss_fn, _OPTIMIZER)
+    for t, (ref_model, ref_opt, ref_state, ref_loss) in enumerate(
+        _reference_run(case.name)
+    ):
+        ts, metrics = step(ts, _batch(case, t, 4))
+        assert _same(ts.model, ref_model), f"{case.name}: model after step {t}"
+        assert _same(ts.state, ref_state), f"{case.name}: state after step {t}"
+        assert _same(ts.opt_state, ref_opt), f"{case.name}: Adam after step {t}"
+        assert _same(metrics["loss"], ref_loss)
+        assert bool(metrics["finite"])
+    assert int(ts.step) == _STEPS
+
+    path = tmp_path / f"{case.name}.eqx"
+    eqx_rng.save(path, ts)
+    loaded = eqx_rng.load(path, ts)
+    assert _same(loaded, ts)
+    batch = _batch(case, _STEPS, 4)
+    resumed, resumed_metrics = step(loaded, batch)
+    straight, straight_metrics = step(ts, batch)
+    assert _same(resumed, straight) and _same(resumed_metrics, straight_metrics)
+
+
+# ----------------------------------------------------------------------------------
+# Patterns of single examples
+
+
+def test_gan_states_as_separate_arguments():
+    # The DCGAN example passes the generator's and the discriminator's States as
+    # two arguments and gets both back.
+    gan, (g_state, d_state) = _built("gan")
+    ours, ref = eqx_rng.jit(gan_scores), eqx.filter_jit(gan_scores)
+    states_ours = states_ref = (g_state, d_state)
+    for t in range(4):
+        real = _batch(_BY_NAME["gan"], t, 4)[0]
+        key = jr.key(t)
+        if t == 2:  # the discriminator's State changed by hand
+            states_ours = (states_ours[0], _bump(gan, states_ours[1]))
+            states_ref = (states_ref[0], _bump(gan, states_ref[1]))
+        if t == 3:  # the two States swapped: another structure at each position
+            with pytest.raises(Exception):  # noqa: B017  (Equinox's own error)
+                ref(gan, states_ref[1], states_ref[0], real, key)
+            with pytest.raises(Exception):  # noqa: B017
+                ours(gan, states_ours[1], states_ours[0], real, key)
+            continue
+        a = ours(gan, *states_ours, real, key)
+        b = ref(gan, *states_ref, real, key)
+        assert _same(a, b), f"call {t}"
+        states_ours, states_ref = a[1:], b[1:]
+
+
+def test_stateful_inference_model_as_partial():
+    # The stateful example evaluates `eqx.Partial(inference_mode(model), state=...)`:
+    # a Module holding a State among its keyword arguments.
+    model, state = _built("stateful")
+    assert isinstance(model, Stateful)
+    state = _copy(state)  # `State.set` below invalidates the State it is called on
+
+    def evaluate(model, xs):
+        out, _ = jax.vmap(model)(xs)
+        return out
+
+    ours, ref = eqx_rng.jit(evaluate), eqx.filter_jit(evaluate)
+    for t in range(3):
+        inference = eqx.Partial(eqx.nn.inference_mode(model), state=state)
+        xs = _batch(_BY_NAME["stateful"], t, 5)[0]
+        assert _same(ours(inference, xs), ref(inference, xs)), f"call {t}"
+        state = _bump(model, state)
+
+
+def test_changed_non_array_fields_compile_new_variants():
+    # A Python float, a string and a function in a Module are static: a new value
+    # is a new variant, never a stale one.
+    case = _BY_NAME["fields"]
+    ours, ref = eqx_rng.jit(case.forward), eqx.filter_jit(case.forward)
+    x, key = _batch(case, 0, 4)[0], jr.key(5)
+    model_key = jr.key(0)  # the arrays of `_built("fields")`
+    outs = []
+    for variant in (
+        _built("fields")[0],
+        Fields(scale=0.25, key=model_key),
+        Fields(name="tail", key=model_key),
+        Fields(activation=jax.nn.relu, key=model_key),
+        Fields(key=model_key),
+    ):
+        a, b = ours(variant, x, key), ref(variant, x, key)
+        assert _same(a, b)
+        outs.append(a)
+    assert _same(outs[0], outs[-1])
+    for i in range(1, 4):
+        assert not _same(outs[0], outs[i]), i
+
+
+@pytest.mark.parametrize("name", ["eqx_rng.jit", "eqx.filter_jit"])
+def test_method_decorated_as_in_equinox_tests(name):
+    # Equinox's own tests decorate a Module's `__call__` and another method with
+    # `filter_jit`; `eqx_rng.jit` works the same way, with the same retracing.
+    jit = eqx_rng.jit if name == "eqx_rng.jit" else eqx.filter_jit
+    traces = []
+
+    class M(eqx.Module):
+        increment: int | jax.Array
+
+        @jit
+        def __call__(self, x):
+            traces.append("call")
+            return x + self.increment
+
+        @jit
+        def method(self, x):
+            traces.append("method")
+            return x * self.increment
+
+    y = jnp.array(3)
+    for increment, call, method in [
+        (1, 4, 3),
+        (1, 4, 3),
+        (2, 5, 6),
+        (jnp.array(1), 4, 3),
+        (jnp.array(2), 5, 6),
+    ]:
+        m = M(increment)
+        assert int(m(y)) == call and int(m.method(y)) == method
+    # 1, 2 and an array increment: three variants of each.
+    assert traces.count("call") == traces.count("method") == 3
+
+
+def test_latent_size_of_the_gan_is_what_its_generator_takes():
+    # Guards the corpus itself: the GAN's noise fits its generator.
+    gan, (g_state, _) = _built("gan")
+    noise = jnp.zeros((2, LATENT, 1, 1))
+    fake, _ = jax.vmap(
+        gan.generator, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )(noise, g_state)
+    assert fake.shape == (2, 1, 8, 8)
