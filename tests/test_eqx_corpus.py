@@ -65,17 +65,24 @@ def _same(a: Any, b: Any) -> bool:
     return True
 
 
+@eqx.filter_jit
 def _copy(tree: Any) -> Any:
     """New buffers for every array (for calls that donate their arguments)."""
     return jtu.tree_map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, tree)
 
 
 @functools.cache
+def _make(name: str) -> Any:
+    """`case.make` under `eqx.filter_jit`: one compile per case, where building
+    eagerly would compile each of its dozens of small operations on its own."""
+    return eqx.filter_jit(_BY_NAME[name].make)
+
+
+@functools.cache
 def _built(name: str) -> tuple[Any, Any]:
     """`(model, state)` of a case (`state` is `None` for a stateless model)."""
-    case = _BY_NAME[name]
-    out = case.make(key=jr.key(0))
-    return out if case.stateful else (out, None)
+    out = _make(name)(key=jr.key(0))
+    return out if _BY_NAME[name].stateful else (out, None)
 
 
 @functools.cache
@@ -117,6 +124,7 @@ def _bump(model: Any, state: Any) -> Any:
     raise AssertionError("no entry of `model` in `state`")
 
 
+@eqx.filter_jit
 def _scaled(model: Any) -> Any:
     """A new Module of the same structure with other weights."""
     return jtu.tree_map(
@@ -158,6 +166,11 @@ def fast_hits(monkeypatch):
 # eqx_rng.jit against eqx.filter_jit
 
 
+# Cases that also call with new shapes and with the key by keyword (each compiles
+# again; the small programs only, for time).
+_RECOMPILED = ("fields", "tied", "rnn")
+
+
 @pytest.mark.parametrize(
     "case",
     [c for c in CASES if c.name != "gan"],  # the GAN: its own test, below
@@ -188,6 +201,10 @@ def test_jit_matches_filter_jit_over_repeated_calls(case, fast_hits):
     scaled = call("a new Module of the same structure", _scaled(model), xs[0], keys[0])
     assert not _same(scaled, first), "the new Module's weights were not used"
     call("the first Module again", model, xs[1], keys[4])
+    assert fast_hits[0] >= 4, fast_hits[0]
+    if case.name not in _RECOMPILED:
+        assert ref_fn.traces == ours_fn.traces == 1
+        return
     call("a smaller batch (new shapes)", model, _batch(case, 0, 3)[0], keys[5])
     call("the first shapes again", model, xs[2], keys[6])
     x_kw = xs[0]
@@ -197,10 +214,14 @@ def test_jit_matches_filter_jit_over_repeated_calls(case, fast_hits):
     # One trace per shape; `eqx_rng.jit` also traces the keyword call as a variant
     # of its own (a documented difference: the same result).
     assert ref_fn.traces == 2 and ours_fn.traces == 3
-    assert fast_hits[0] >= 5, fast_hits[0]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.method], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case",
+    # The transformer's method is left out for time (its program is the largest).
+    [c for c in CASES if c.method and c.name != "transformer"],
+    ids=lambda c: c.name,
+)
 def test_jit_of_a_bound_method_matches_filter_jit(case, fast_hits):
     model, _ = _built(case.name)
     assert case.method is not None
@@ -228,6 +249,11 @@ _OPTIMIZER = optax.adam(1e-2)
 _ref_step = eqx.filter_jit(_adam_step)
 
 
+@eqx.filter_jit
+def _opt_init(model: Any) -> Any:
+    return _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+
+
 @functools.cache
 def _reference_run(name: str) -> list[tuple]:
     """The hand-written `eqx.filter_jit` step, `_STEPS` times from `_built(name)`:
@@ -235,7 +261,7 @@ def _reference_run(name: str) -> list[tuple]:
     `derive(key(1), t)`, as a TrainState with `key=1` does."""
     case = _BY_NAME[name]
     model, state = _built(name)
-    opt_state = _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+    opt_state = _opt_init(model)
     out = []
     for t in range(_STEPS):
         key = eqx_rng.derive(jr.key(1), t)
@@ -254,7 +280,7 @@ _DONATING = [c for c in CASES if c.name in ("stateful", "tied", "fields", "rnn")
 @pytest.mark.parametrize("case", _DONATING, ids=lambda c: c.name)
 def test_jit_donating_training_step_matches_filter_jit(case, fast_hits):
     model, state = _built(case.name)
-    opt_state = _OPTIMIZER.init(eqx.filter(model, eqx.is_inexact_array))
+    opt_state = _opt_init(model)
     step = eqx_rng.jit(_adam_step, donate="all")
     model, opt_state, state = _copy((model, opt_state, state))
     for t, want in enumerate(_reference_run(case.name)):
@@ -277,37 +303,31 @@ def test_jit_donating_training_step_matches_filter_jit(case, fast_hits):
 # eqx_rng.ensemble against the chains built one by one
 
 
-def _leaves_match(a: Any, b: Any, *, eager: bool = False) -> bool:
-    """The leaves of two builds of a model agree: arrays bit for bit (with `eager`,
-    to a few float32 roundings: see below), other leaves equal or, for objects that
-    compare by identity (the `SharedNode` of `eqx.nn.Shared`, the markers of States
-    made with `eqx.nn.State(model)`), of the same type: each build makes its own."""
+def _leaves_match(a: Any, b: Any) -> bool:
+    """The leaves of two builds of a model agree: arrays bit for bit, other leaves
+    equal or, for objects that compare by identity (the `SharedNode` of
+    `eqx.nn.Shared`, the markers of States made with `eqx.nn.State(model)`), of the
+    same type: each build may make its own."""
     la, lb = jtu.tree_leaves(a), jtu.tree_leaves(b)
     if len(la) != len(lb):
         return False
     for x, y in zip(la, lb, strict=True):
-        if not eqx.is_array(x):
-            by_identity = type(x).__eq__ is object.__eq__
-            if not (x == y or (by_identity and type(x) is type(y))):
-                return False
-        elif not eager:
+        if eqx.is_array(x):
             if not _same(x, y):
                 return False
-        else:
-            x, y = np.asarray(x), np.asarray(y)
-            if x.dtype != y.dtype or x.shape != y.shape:
-                return False
-            if np.issubdtype(x.dtype, np.inexact) and x.size:
-                tol = 8 * np.finfo(x.dtype).eps * np.max(np.abs(y))
-                if not np.allclose(x, y, rtol=0, atol=tol):
-                    return False
-            elif not np.array_equal(x, y):
-                return False
+        elif not (x == y or (type(x).__eq__ is object.__eq__ and type(x) is type(y))):
+            return False
     return True
 
 
-def _chain(tree: Any, c: int) -> Any:
+@eqx.filter_jit
+def _chain_at(tree: Any, c: Any) -> Any:
     return jtu.tree_map(lambda x: x[c] if eqx.is_array(x) else x, tree)
+
+
+def _chain(tree: Any, c: int) -> Any:
+    """Chain `c` of a chain-batched tree (one compile for every `c`)."""
+    return _chain_at(tree, jnp.int32(c))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -330,16 +350,12 @@ def test_ensemble_matches_chains_built_one_by_one(case):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert _same(again, chains)
-    # One by one, compiled as the ensemble is: the same bits.
-    make_one = eqx.filter_jit(case.make)
+    # One by one as compiled programs (`_make`). Built eagerly instead, operation
+    # by operation, the SpectralNorm's power-iteration vectors in the State differ
+    # by 1-3 float32 ulps: XLA rounds a compiled normalisation differently.
     for c in range(_CHAINS):
-        one = make_one(key=eqx_rng.derive(key, c))
+        one = _make(case.name)(key=eqx_rng.derive(key, c))
         assert _leaves_match(_chain(chains, c), one), f"{case.name}: chain {c}"
-    # Built eagerly, operation by operation, as a user builds one model: XLA may
-    # round a compiled normalisation differently (SpectralNorm's power iteration
-    # divides by a norm: 1-3 float32 ulps seen), so to 8 ulps of each leaf's scale.
-    eager = case.make(key=eqx_rng.derive(key, 1))
-    assert _leaves_match(_chain(chains, 1), eager, eager=True), case.name
 
 
 # ----------------------------------------------------------------------------------
@@ -445,12 +461,13 @@ def test_changed_non_array_fields_compile_new_variants():
     x, key = _batch(case, 0, 4)[0], jr.key(5)
     model_key = jr.key(0)  # the arrays of `_built("fields")`
     outs = []
+    make = eqx.filter_jit(Fields)
     for variant in (
         _built("fields")[0],
-        Fields(scale=0.25, key=model_key),
-        Fields(name="tail", key=model_key),
-        Fields(activation=jax.nn.relu, key=model_key),
-        Fields(key=model_key),
+        make(scale=0.25, key=model_key),
+        make(name="tail", key=model_key),
+        make(activation=jax.nn.relu, key=model_key),
+        make(key=model_key),
     ):
         a, b = ours(variant, x, key), ref(variant, x, key)
         assert _same(a, b)
