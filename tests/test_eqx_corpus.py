@@ -509,3 +509,34 @@ def test_method_decorated_as_in_equinox_tests(name):
         assert int(m(y)) == call and int(m.method(y)) == method
     # 1, 2 and an array increment: three variants of each.
     assert traces.count("call") == traces.count("method") == 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`eqx_rng.load` places each array with the sharding of `like`'s leaf, "
+    "which commits it to a device; the step's own outputs are uncommitted and "
+    "`jax.jit` keys its cache on that, so the first step after a load compiles "
+    "the step again (0.3-6 s per model here)",
+)
+def test_first_step_after_load_reuses_the_compiled_step(tmp_path):
+    case = _BY_NAME["tied"]
+    model, _ = _built("tied")
+    ts = eqx_rng.TrainState.create(model, _OPTIMIZER, key=1)
+    step = eqx_rng.make_train_step(case.loss_fn, _OPTIMIZER)
+    batch = _batch(case, 0, 4)
+    ts, _ = step(ts, batch)
+    eqx_rng.save(tmp_path / "ts.eqx", ts)
+    loaded = eqx_rng.load(tmp_path / "ts.eqx", ts)
+    jax.block_until_ready(step(ts, batch))  # compiled for the step's own outputs
+    compiles = []
+
+    def listener(event: str, duration_secs: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(step(loaded, batch))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
