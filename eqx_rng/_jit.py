@@ -120,7 +120,17 @@ class _Slot:
     (`ref`), whether its containers are all immutable (`frozen`, checked when the
     same object comes a second time) and its dynamic leaves."""
 
-    __slots__ = ("kind", "split", "ref", "frozen", "dyn", "keys", "layout", "values_td")
+    __slots__ = (
+        "kind",
+        "split",
+        "ref",
+        "frozen",
+        "dyn",
+        "keys",
+        "layout",
+        "values_td",
+        "last_dict",
+    )
 
     def __init__(self, kind: int, split: Split):
         self.kind = kind
@@ -133,6 +143,11 @@ class _Slot:
         # `()` when some value is another pytree (then `values_td` is compared).
         self.layout: tuple = ()
         self.values_td: Any = None
+        # The dict of the State read last and its leaves (`dyn`): the same State
+        # object holding the same dict again (an evaluation loop) is not read again.
+        # A State's dict is never changed in place (`State.set` and
+        # `State.update` copy it and invalidate the old object).
+        self.last_dict: dict | None = None
 
     def state(self, x: Any, concrete: frozenset) -> list | None:
         """The leaves of `eqx.nn.State` `x` (in `State.tree_flatten`'s order), or
@@ -191,15 +206,17 @@ def _layout(values: Any, concrete: frozenset) -> tuple:
 
 
 class _Plan:
-    """The last call's variant, and what its positional arguments were."""
+    """The last call's variant, what its positional arguments were, and `fast`: a
+    function of the arguments written for them (`_PlanWriter`) that returns the
+    call's result, or `_MISS` when the arguments may not fit the variant (the caller
+    then takes the general path)."""
 
-    __slots__ = ("d", "e", "n", "fn_dyn", "slots")
+    __slots__ = ("n", "fast")
 
-    def __init__(self, d: Dispatcher, e: Entry, args: tuple, flat: list):
-        self.d, self.e, self.n = d, e, len(args)
-        self.fn_dyn = e.splits[0].dynamic(flat[0][0])
+    def __init__(self, d: Dispatcher, e: Entry, args: tuple, flat: list, silence: bool):
+        self.n = len(args)
         concrete = d.concrete
-        self.slots: list[_Slot] = []
+        slots: list[_Slot] = []
         for x, split in zip(args, e.splits[1:-1], strict=True):
             if type(x) in concrete:
                 slot = _Slot(_ARRAY, split)
@@ -213,31 +230,112 @@ class _Plan:
             else:
                 slot = _Slot(_TREE, split)
                 slot.tree(x, concrete)
-            self.slots.append(slot)
+            slots.append(slot)
+        self.fast = _PlanWriter(d, e, e.splits[0].dynamic(flat[0][0])).write(
+            slots, silence
+        )
 
-    def dynamic(self, args: tuple) -> list | None:
-        """The dynamic leaves of each dispatcher argument, or `None` if `args` may
-        not fit the variant (the caller then takes the general path)."""
-        concrete = self.d.concrete
-        out = [self.fn_dyn]
-        for slot, x in zip(self.slots, args, strict=True):
-            kind = slot.kind
-            if kind is _ARRAY:
-                if type(x) not in concrete:
-                    return None
-                out.append([x])
-            elif kind is _STATE:
-                leaves = slot.state(x, concrete)
-                if leaves is None:
-                    return None
-                out.append(leaves)
-            else:
-                dyn = slot.tree(x, concrete)
-                if dyn is None:
-                    return None
-                out.append(dyn)
-        out.append(_NO_LEAVES)
-        return out
+
+_MISS = object()
+
+
+class _PlanWriter:
+    """Writes `_Plan.fast` as one straight-line function: per argument position the
+    check that it fits (a concrete array's type; a Module's identity, else its
+    flattened form; a State's keys and the layout of its values), then the call of
+    the compiled variant and the output's rebuild. A loop over positions with a
+    branch per kind cost several µs per call more."""
+
+    def __init__(self, d: Dispatcher, e: Entry, fn_dyn: list):
+        self.names: dict[str, Any] = {
+            "MISS": _MISS,
+            "concrete": d.concrete,
+            "efn": e.fn,
+            "on_error": d.on_error or _reraise,
+            "fn_dyn": fn_dyn,
+            "NO": _NO_LEAVES,
+            "State": _State,
+            "catch_warnings": warnings.catch_warnings,
+            "filterwarnings": warnings.filterwarnings,
+            "UNUSED": _UNUSED_DONATION,
+        }
+        self.lines: list[str] = []
+
+    def _slot(self, i: int, slot: _Slot) -> str:
+        """Checks argument `x{i}`; returns the expression of its dynamic leaves."""
+        add = self.lines.append
+        self.names[f"s{i}"] = slot
+        if slot.kind is _ARRAY:
+            add(f"if type(x{i}) not in concrete: return MISS")
+            return f"[x{i}]"
+        if slot.kind is _STATE and slot.layout:
+            return self._state(i, slot)
+        call = "state" if slot.kind is _STATE else "tree"
+        if slot.kind is _TREE:
+            add(f"if s{i}.frozen and s{i}.ref() is x{i}: d{i} = s{i}.dyn")
+            add("else:")
+            add(f"    d{i} = s{i}.tree(x{i}, concrete)")
+            add(f"    if d{i} is None: return MISS")
+        else:
+            add(f"d{i} = s{i}.{call}(x{i}, concrete)")
+            add(f"if d{i} is None: return MISS")
+        return f"d{i}"
+
+    def _state(self, i: int, slot: _Slot) -> str:
+        """An `eqx.nn.State` whose values are each an array or a tuple of arrays:
+        its keys compared, its values unpacked, every leaf's type checked."""
+        add = self.lines.append
+        self.names[f"k{i}"] = slot.keys
+        add(f"if type(x{i}) is not State: return MISS")
+        add(f"st = getattr(x{i}, '_state', None)")
+        add(f"if st is s{i}.last_dict: d{i} = s{i}.dyn")
+        add("else:")
+        add(f"    if type(st) is not dict or tuple(st) != k{i}: return MISS")
+        values = [f"v{i}_{j}" for j in range(len(slot.layout))]
+        add(f"    {''.join(v + ', ' for v in values)}= st.values()")
+        leaves = []
+        for v, n in zip(values, slot.layout, strict=True):
+            if n is None:
+                leaves.append(v)
+                continue
+            add(f"    if type({v}) is not tuple or len({v}) != {n}: return MISS")
+            parts = [f"{v}_{m}" for m in range(n)]
+            add(f"    {''.join(p + ', ' for p in parts)}= {v}")
+            leaves += parts
+        types = ", ".join(f"type({x})" for x in leaves)
+        add(f"    if not concrete.issuperset(({types},)): return MISS")
+        add(f"    d{i} = s{i}.dyn = [{', '.join(leaves)}]")
+        add(f"    s{i}.last_dict = st")
+        return f"d{i}"
+
+    def write(self, slots: list[_Slot], silence: bool) -> Callable[[tuple], Any]:
+        xs = "".join(f"x{i}, " for i in range(len(slots)))
+        self.lines.append(f"({xs}) = args")
+        parts = ["fn_dyn", *(self._slot(i, s) for i, s in enumerate(slots)), "NO"]
+        call = [
+            "try:",
+            f"    outs, desc = efn({', '.join(parts)})",
+            "except Exception as err:",
+            "    new = on_error(err)",
+            "    if new is None: raise",
+            "    raise new from None",
+        ]
+        if silence:
+            call = [
+                "with catch_warnings():",
+                "    filterwarnings('ignore', message=UNUSED)",
+                *("    " + c for c in call),
+            ]
+        self.lines += call
+        self.lines.append("return desc.first(outs)")
+        source = "def fast(args):\n" + "".join(f"    {b}\n" for b in self.lines)
+        namespace = dict(self.names)
+        exec(compile(source, "<eqx_rng.jit call>", "exec"), namespace)
+        return namespace["fast"]
+
+
+def _reraise(err: BaseException) -> None:
+    return None
 
 
 class _Jitted:
@@ -262,6 +360,7 @@ class _Jitted:
         self._checked_entry: Entry | None = None
         self._checked: list = []
         self._plan: _Plan | None = None
+        self._plans: dict[Entry, _Plan] = {}  # written once per variant
         functools.update_wrapper(self, fn, updated=())
 
     def __repr__(self) -> str:
@@ -336,9 +435,9 @@ class _Jitted:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         plan = self._plan
         if plan is not None and not kwargs and len(args) == plan.n:
-            dynamic = plan.dynamic(args)
-            if dynamic is not None:
-                return self._run(plan.d, plan.e, dynamic)
+            out = plan.fast(args)
+            if out is not _MISS:
+                return out
         d, flat = self._flat(args, kwargs)
         e = d.last_entry
         if e is None or not self._fits(e, flat, d.concrete):
@@ -347,8 +446,19 @@ class _Jitted:
             # A tracer among the leaves: inside jit / vmap / grad / scan, run inline.
             return _call_parts(*[tr.unflatten(leaves) for leaves, tr in flat])
         dynamic = [s.dynamic(lv) for s, (lv, _) in zip(e.splits, flat, strict=True)]
-        self._plan = None if kwargs else _Plan(d, e, args, flat)
+        self._plan = None if kwargs else self._plan_for(d, e, args, flat)
         return self._run(d, e, dynamic)
+
+    def _plan_for(self, d: Dispatcher, e: Entry, args: tuple, flat: list) -> _Plan:
+        # Writing a plan costs a few hundred µs: one per variant, kept while the
+        # dispatcher keeps the variant (the kinds of argument positions follow
+        # from the variant's tree structures).
+        plan = self._plans.get(e)
+        if plan is None or plan.n != len(args):
+            if len(self._plans) >= 2 * d.max_entries:
+                self._plans.clear()
+            plan = self._plans[e] = _Plan(d, e, args, flat, self._silence)
+        return plan
 
     def _run(self, d: Dispatcher, e: Entry, dynamic: list) -> Any:
         if self._silence:
