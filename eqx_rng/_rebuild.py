@@ -127,13 +127,30 @@ class _Writer:
         parts = self.exprs(children)
         if parts is None:
             return None
-        items = []
+        template, changing = {}, []
         for name, value in fields.items():
-            part = parts[where[name]] if name in where else self.const(value)
-            items.append(f"{name!r}: {part}")
+            part = parts[where[name]] if name in where else None
+            if part is None or part == "None" or part in self.names:
+                template[name] = value if part is None else self.names.get(part)
+            else:
+                template[name] = None
+                changing.append((name, part))
         obj = self.temp()
-        self.lines.append(f"{obj} = _new({self.const(type(x))})")
-        self.lines.append(f"_set({obj}, '__dict__', {{{', '.join(items)}}})")
+        add = self.lines.append
+        add(f"{obj} = _new({self.const(type(x))})")
+        if len(template) - len(changing) >= 3:
+            # Mostly constant fields (a BatchNorm's settings): copying the template
+            # and putting the new children in costs less than a dict literal.
+            add(f"d = {self.const(template)}.copy()")
+            add("".join(f"d[{name!r}] = {part}; " for name, part in changing))
+            add(f"_set({obj}, '__dict__', d)")
+        else:
+            new = dict(changing)
+            items = [
+                f"{name!r}: {new[name] if name in new else self.const(value)}"
+                for name, value in template.items()
+            ]
+            add(f"_set({obj}, '__dict__', {{{', '.join(items)}}})")
         return obj
 
     def _state(self, x: Any, parts: list[str]) -> str | None:
