@@ -8,6 +8,7 @@ directly, for example `jaxtyping.Key[Array, "chains batch"]`.
 from typing import TypeAlias
 
 import jaxtyping
+import numpy as np
 from jaxtyping import Array
 
 Key: TypeAlias = jaxtyping.Key[Array, ""]
@@ -15,6 +16,15 @@ Key: TypeAlias = jaxtyping.Key[Array, ""]
 
 KeyGrid: TypeAlias = jaxtyping.Key[Array, "*shape"]
 """An array of typed PRNG keys of any shape."""
+
+Rate: TypeAlias = float | int | np.floating | np.integer | Array
+"""A rate or scale argument of the `eqx_rng.nn` layers (`Dropout(p)`,
+`GaussianNoise(std)`, ...): a Python or NumPy real number, stored as a Python
+`float` (static under `eqx.filter_jit`: a new value recompiles), or a JAX scalar
+array of floating dtype, stored as is (traced, so a vmapped ensemble may give each
+member its own rate). Booleans and arrays of other shapes or dtypes are a
+`TypeError` naming the layer and the argument.
+"""
 
 _LEGACY_KEY_FIX = (
     "Convert the key with `eqx_rng.as_key(key)`, or make a typed one with "
