@@ -32,6 +32,17 @@ _LEGACY_KEY_FIX = (
 )
 """The first line of every legacy-key error: the fix."""
 
+
+def _legacy_key_message(call: str, shape: tuple[int, ...], arg: str = "key") -> str:
+    """The error for a legacy key given to `call` as `arg`: the fix on the first line,
+    then what `call` received (the form of the `typecheck` legacy-key error)."""
+    dims = ", ".join(str(d) for d in shape)
+    return (
+        f"{_LEGACY_KEY_FIX}\n`{call}` got a legacy `uint32[{dims}]` key (from "
+        f"`jax.random.PRNGKey`) for `{arg}`; eqx_rng takes typed PRNG keys."
+    )
+
+
 _LEGACY_KEY_HINT = (
     "eqx_rng takes typed PRNG keys (`jax.random.key(seed)`), not legacy `uint32[2]` "
     "keys from `jax.random.PRNGKey`; convert one with `eqx_rng.as_key(legacy_key)`."

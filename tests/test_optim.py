@@ -121,6 +121,19 @@ def test_missing_or_bad_key(make):
         opt.update(params, state, params, key=3)
 
 
+def test_legacy_key_message_starts_with_the_fix():
+    opt = eqx_rng.optim.sgld(0.1, num_data=3)
+    params = {"w": jnp.zeros(2)}
+    with pytest.raises(TypeError) as info:
+        opt.update(params, opt.init(params), params, key=jr.PRNGKey(0))
+    fix, received = str(info.value).splitlines()
+    assert fix.startswith("Convert the key with `eqx_rng.as_key(key)`")
+    assert received.startswith(
+        "`eqx_rng.optim.sgld(...).update` got a legacy `uint32[2]` key (from "
+        "`jax.random.PRNGKey`) for `key`"
+    )
+
+
 @pytest.mark.parametrize(
     "call,match",
     [

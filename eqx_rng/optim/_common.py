@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.core import Tracer
 
-from .._custom_types import _LEGACY_KEY_HINT
+from .._custom_types import _legacy_key_message
 from .._key_trees import tree_normal
 from .._util import describe, is_typed_key
 
@@ -37,8 +37,7 @@ def check_key(key: Any, name: str) -> None:
         return
     if isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32:
         raise TypeError(
-            f"`eqx_rng.optim.{name}`: `key` is a legacy uint32 key of shape "
-            f"{tuple(key.shape)}. {_LEGACY_KEY_HINT}"
+            _legacy_key_message(f"eqx_rng.optim.{name}(...).update", tuple(key.shape))
         )
     raise TypeError(
         f"`eqx_rng.optim.{name}` takes `key=` as one typed key "
