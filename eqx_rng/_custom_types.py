@@ -33,12 +33,21 @@ _LEGACY_KEY_FIX = (
 """The first line of every legacy-key error: the fix."""
 
 
+_LEGACY_KEYS_FIX = (
+    "Convert the keys with `jax.random.wrap_key_data(keys)`, or make typed ones with "
+    "`jax.random.split(jax.random.key(seed), n)`."
+)
+"""The fix for an array of legacy keys (`uint32[n, 2]`)."""
+
+
 def _legacy_key_message(call: str, shape: tuple[int, ...], arg: str = "key") -> str:
-    """The error for a legacy key given to `call` as `arg`: the fix on the first line,
-    then what `call` received (the form of the `typecheck` legacy-key error)."""
+    """The error for a legacy key (or array of them) given to `call` as `arg`: the
+    fix on the first line, then what `call` received (the form of the `typecheck`
+    legacy-key error)."""
+    fix = _LEGACY_KEY_FIX if len(shape) <= 1 else _LEGACY_KEYS_FIX
     dims = ", ".join(str(d) for d in shape)
     return (
-        f"{_LEGACY_KEY_FIX}\n`{call}` got a legacy `uint32[{dims}]` key (from "
+        f"{fix}\n`{call}` got a legacy `uint32[{dims}]` key (from "
         f"`jax.random.PRNGKey`) for `{arg}`; eqx_rng takes typed PRNG keys."
     )
 
