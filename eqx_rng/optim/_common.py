@@ -91,6 +91,15 @@ def schedule_value(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> A
     return jnp.asarray(learning_rate, jnp.float32)
 
 
+def temperature_value(temperature: optax.ScalarOrSchedule, count: jax.Array) -> Any:
+    """The temperature at update `count`: a schedule's value as a float32 array, a
+    number as a Python float (so a number gives the same program as before
+    schedules were accepted)."""
+    if callable(temperature):
+        return schedule_value(temperature, count)
+    return float(temperature)
+
+
 def keyed_transformation(
     name: str, init: Any, apply: Callable[[Any, Any, Any], Any]
 ) -> optax.GradientTransformationExtraArgs:
