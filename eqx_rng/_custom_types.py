@@ -50,9 +50,3 @@ def _legacy_key_message(call: str, shape: tuple[int, ...], arg: str = "key") -> 
         f"{fix}\n`{call}` got a legacy `uint32[{dims}]` key (from "
         f"`jax.random.PRNGKey`) for `{arg}`; eqx_rng takes typed PRNG keys."
     )
-
-
-_LEGACY_KEY_HINT = (
-    "eqx_rng takes typed PRNG keys (`jax.random.key(seed)`), not legacy `uint32[2]` "
-    "keys from `jax.random.PRNGKey`; convert one with `eqx_rng.as_key(legacy_key)`."
-)

@@ -28,11 +28,7 @@ _SUBMODULES = ("nn", "debug", "optim")
 _PRIVATE = re.compile(r"(?<!\w)_[A-Za-z]\w*")
 # Private names still rendered, each with the change that removes it. An entry that
 # no longer matches fails `test_rendered_signatures_name_no_private_type`: delete it.
-_PENDING = {
-    # The TypeVar of `typecheck(fn: _T) -> _T`, in eqx_rng/_typecheck.py: rename it
-    # to a public name (for example `Fn`).
-    ("eqx_rng.typecheck", "_T"),
-}
+_PENDING: set[tuple[str, str]] = set()
 
 
 def _public_names(module) -> list[str]:
