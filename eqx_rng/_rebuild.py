@@ -173,7 +173,22 @@ class _Writer:
         source = "def rebuild(dynamic):\n" + "".join(f"    {b}\n" for b in body)
         namespace = dict(self.names)
         exec(compile(source, "<eqx_rng rebuild>", "exec"), namespace)
-        return namespace["rebuild"]
+        rebuild = namespace["rebuild"]
+        rebuild.source = Source(self.lines, self.names, result, self.leaves)
+        return rebuild
+
+
+class Source:
+    """The pieces of a written rebuild, for a caller that writes them into a
+    function of its own: the statements (`lines`) build the tree into the expression
+    `result` from the dynamic leaves in local names `a0 ... a{leaves-1}`; `names` are
+    the globals they use (constants `c...`, `_new`, `_set`); temporaries are `t...`
+    and `d`."""
+
+    __slots__ = ("lines", "names", "result", "leaves")
+
+    def __init__(self, lines: list[str], names: dict, result: str, leaves: int):
+        self.lines, self.names, self.result, self.leaves = lines, names, result, leaves
 
 
 def rebuilder(treedef: Any, template: tuple) -> Callable[[list], Any] | None:
