@@ -6,7 +6,7 @@ The callable flattens its arguments once per call and hands them to a `Dispatche
 once, when it is wrapped: a Module or a bound method of a Module contributes its
 arrays as traced arguments, as `eqx.filter_jit` does for a Module.
 
-A call that repeats the last one's pattern (same number of positional arguments, no
+A call that repeats the last one's pattern (the same numbers of positional and
 keyword arguments) takes a shorter path written once per variant (`_jit_plan.py`):
 it checks only what could differ, calls the compiled program and rebuilds the
 output in straight-line code.
@@ -185,8 +185,8 @@ class _Jitted:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         plan = self._plan
-        if plan is not None and not kwargs and len(args) == plan.n:
-            out = plan.fast(args)
+        if plan is not None and len(args) == plan.n and len(kwargs) == plan.nk:
+            out = plan.fast(args, kwargs)
             if out is not MISS:
                 return out
         d, flat = self._flat(args, kwargs)
@@ -197,18 +197,23 @@ class _Jitted:
             # A tracer among the leaves: inside jit / vmap / grad / scan, run inline.
             return _call_parts(*[tr.unflatten(leaves) for leaves, tr in flat])
         dynamic = [s.dynamic(lv) for s, (lv, _) in zip(e.splits, flat, strict=True)]
-        self._plan = None if kwargs else self._plan_for(d, e, args, flat)
+        if kwargs and self._donate_first != self._donate_rest:
+            self._plan = None  # `_flat` bound keyword arguments to positions
+        else:
+            self._plan = self._plan_for(d, e, args, kwargs, flat)
         return self._run(d, e, dynamic)
 
-    def _plan_for(self, d: Dispatcher, e: Entry, args: tuple, flat: list) -> Plan:
+    def _plan_for(
+        self, d: Dispatcher, e: Entry, args: tuple, kwargs: dict, flat: list
+    ) -> Plan:
         # Writing a plan costs a few hundred µs: one per variant, kept while the
         # dispatcher keeps the variant (the kinds of argument positions follow
         # from the variant's tree structures).
         plan = self._plans.get(e)
-        if plan is None or plan.n != len(args):
+        if plan is None or (plan.n, plan.nk) != (len(args), len(kwargs)):
             if len(self._plans) >= 2 * d.max_entries:
                 self._plans.clear()
-            plan = self._plans[e] = Plan(d, e, args, flat, self._silence)
+            plan = self._plans[e] = Plan(d, e, args, kwargs, flat, self._silence)
         return plan
 
     def _run(self, d: Dispatcher, e: Entry, dynamic: list) -> Any:
@@ -252,10 +257,11 @@ def jit(fn: Callable, *, donate: str = "none") -> Callable:
     compiled variant (tree structure, static leaves equal, array leaves concrete)
     and calls a `jax.jit` function of the flat arrays: within a few per cent of a
     hand-written `jax.jit` call, where `eqx.filter_jit` costs several times more for
-    a small model. A call that repeats the last one's pattern with positional
-    arguments only takes a shorter, written path (the same Module object or State
-    object is not read again): pass arguments by position in a hot loop. New shapes
-    or dtypes recompile as `jax.jit` does; up to 16 structures are cached.
+    a small model. A call that repeats the last one's pattern takes a shorter path
+    written for its variant (the same Module or State object is not read again);
+    a keyword argument that is a pytree (not an array, number, string or `None`)
+    takes the general path, so pass such arguments by position in a hot loop. New
+    shapes or dtypes recompile as `jax.jit` does; up to 16 structures are cached.
 
     **Differences from `eqx.filter_jit`.** A bound method of a Module traces the
     Module's arrays (`eqx.filter_jit` bakes them into the program as constants), so

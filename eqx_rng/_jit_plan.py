@@ -1,6 +1,6 @@
-"""The repeated-call path of `eqx_rng.jit`: a `_Plan` per compiled variant.
+"""The repeated-call path of `eqx_rng.jit`: a `Plan` per compiled variant.
 
-A call that repeats the last one's pattern (same number of positional arguments, no
+A call that repeats the last one's pattern (the same numbers of positional and
 keyword arguments) is checked position by position against what came last time (a
 concrete array, an `eqx.nn.State`, any other pytree), and `_PlanWriter` writes the
 checks, the call of the compiled program and the output's rebuild as one
@@ -138,15 +138,25 @@ def _layout(values: Any, concrete: frozenset) -> tuple:
 
 
 class Plan:
-    """The last call's variant, what its positional arguments were, and `fast`: a
-    function of the arguments written for them (`_PlanWriter`) that returns the
-    call's result, or `_MISS` when the arguments may not fit the variant (the caller
-    then takes the general path)."""
+    """The last call's variant, what its arguments were, and `fast(args, kwargs)`: a
+    function written for them (`_PlanWriter`) that returns the call's result, or
+    `MISS` when the arguments may not fit the variant (the caller then takes the
+    general path). `n` and `nk` are the numbers of positional and keyword arguments
+    it takes; `fast` always misses where no fast path applies (a keyword argument
+    that is a pytree, or a static one other than a number, string or `None`)."""
 
-    __slots__ = ("n", "fast")
+    __slots__ = ("n", "nk", "fast")
 
-    def __init__(self, d: Dispatcher, e: Entry, args: tuple, flat: list, silence: bool):
-        self.n = len(args)
+    def __init__(
+        self,
+        d: Dispatcher,
+        e: Entry,
+        args: tuple,
+        kwargs: dict,
+        flat: list,
+        silence: bool,
+    ):
+        self.n, self.nk = len(args), len(kwargs)
         concrete = d.concrete
         slots: list[_Slot] = []
         for x, split in zip(args, e.splits[1:-1], strict=True):
@@ -163,9 +173,42 @@ class Plan:
                 slot = _Slot(_TREE, split)
                 slot.tree(x, concrete)
             slots.append(slot)
-        self.fast = _PlanWriter(d, e, e.splits[0].dynamic(flat[0][0])).write(
-            slots, silence
-        )
+        keywords = _keywords(e.splits[-1], kwargs)
+        if keywords is None:
+            self.fast = _never
+            return
+        writer = _PlanWriter(d, e, e.splits[0].dynamic(flat[0][0]))
+        self.fast = writer.write(slots, keywords, silence)
+
+
+# Static keyword values the written path compares with `==`.
+_SIMPLE = (int, float, str, bool, type(None))
+
+
+def _keywords(split: Split, kwargs: dict) -> list[tuple[str, Any]] | None:
+    """Per keyword argument, in the order of the flattened dict (sorted names):
+    `(name, DYNAMIC)` for an array, `(name, value)` for a static number, string or
+    `None`; `None` if some keyword argument is anything else."""
+    names = sorted(kwargs)
+    if split.treedef != jtu.tree_structure(dict.fromkeys(names, 0)):
+        return None  # a keyword argument that is itself a pytree
+    dynamic = set(split.dynamic_idx)
+    out: list[tuple[str, Any]] = []
+    for i, name in enumerate(names):
+        if i in dynamic:
+            out.append((name, _DYNAMIC))
+        elif type(split.template[i]) in _SIMPLE:
+            out.append((name, split.template[i]))
+        else:
+            return None
+    return out
+
+
+_DYNAMIC = object()
+
+
+def _never(args: tuple, kwargs: dict) -> Any:
+    return MISS
 
 
 MISS = object()
@@ -240,10 +283,33 @@ class _PlanWriter:
         add(f"    s{i}.last_dict = st")
         return f"d{i}"
 
-    def write(self, slots: list[_Slot], silence: bool) -> Callable[[tuple], Any]:
+    def _keywords(self, keywords: list[tuple[str, Any]]) -> str:
+        """Checks the keyword arguments (in `kw`); returns the expression of their
+        dynamic leaves."""
+        if not keywords:
+            return "NO"
+        add = self.lines.append
+        leaves = []
+        for j, (name, value) in enumerate(keywords):
+            add(f"w{j} = kw.get({name!r}, MISS)")
+            if value is _DYNAMIC:
+                add(f"if type(w{j}) not in concrete: return MISS")
+                leaves.append(f"w{j}")
+            else:
+                self.names[f"sv{j}"] = value
+                add(
+                    f"if w{j} is not sv{j} and not "
+                    f"(type(w{j}) is type(sv{j}) and w{j} == sv{j}): return MISS"
+                )
+        return "[" + ", ".join(leaves) + "]"
+
+    def write(
+        self, slots: list[_Slot], keywords: list[tuple[str, Any]], silence: bool
+    ) -> Callable[[tuple, dict], Any]:
         xs = "".join(f"x{i}, " for i in range(len(slots)))
         self.lines.append(f"({xs}) = args")
-        parts = ["fn_dyn", *(self._slot(i, s) for i, s in enumerate(slots)), "NO"]
+        parts = ["fn_dyn", *(self._slot(i, s) for i, s in enumerate(slots))]
+        parts.append(self._keywords(keywords))
         call = [
             "try:",
             f"    outs, desc = efn({', '.join(parts)})",
@@ -260,7 +326,7 @@ class _PlanWriter:
             ]
         self.lines += call
         self.lines.append("return desc.first(outs)")
-        source = "def fast(args):\n" + "".join(f"    {b}\n" for b in self.lines)
+        source = "def fast(args, kw):\n" + "".join(f"    {b}\n" for b in self.lines)
         namespace = dict(self.names)
         exec(compile(source, "<eqx_rng.jit call>", "exec"), namespace)
         return namespace["fast"]

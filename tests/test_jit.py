@@ -318,6 +318,35 @@ def test_alternating_structures_each_keep_their_variant():
     assert f.traces == 3
 
 
+def test_keyword_arguments_take_the_written_path_too():
+    # `key=` by keyword is how eqx_rng code calls everything: such calls repeat on
+    # the written path; a static keyword value that changes, or a keyword argument
+    # that is a pytree, still gets its own variant and the right numbers.
+    model = eqx.nn.MLP(2, 2, 8, 1, key=jr.key(0))
+    f = Counted(
+        lambda model, x, *, key, scale=1.0: (
+            scale * jax.vmap(model)(x) + jr.normal(key, (x.shape[0], 2))
+        )
+    )
+    fast, ref = eqx_rng.jit(f), eqx.filter_jit(f.fn)
+    x = jnp.ones((3, 2))
+    for i in range(3):
+        k = jr.key(i)
+        assert tree_allclose(fast(model, x, key=k), ref(model, x, key=k))
+        want = ref(model, x, key=k, scale=2.0)
+        assert tree_allclose(fast(model, x, key=k, scale=2.0), want)
+    assert f.traces == 2  # one variant per value of the static `scale`
+    from eqx_rng._jit_plan import _never
+
+    plan = fast._plan  # type: ignore[attr-defined]
+    assert plan.nk == 2 and plan.fast is not _never  # the written path is in use
+    g = eqx_rng.jit(lambda x, *, shift: x + sum(jax.tree.leaves(shift)))
+    for shift in ((jnp.ones(2), 1.0), jnp.array(2.0), 3.0, jnp.array(4.0)):
+        want = jnp.ones(2) + sum(jax.tree.leaves(shift))
+        assert jnp.array_equal(g(jnp.ones(2), shift=shift), want)
+        assert jnp.array_equal(g(jnp.ones(2), shift=shift), want)
+
+
 def test_donated_fast_path_feeds_outputs_back():
     # The written fast path with donation (warnings silenced): every call deletes
     # its inputs and the outputs fed back are the next inputs.
