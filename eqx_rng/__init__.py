@@ -2,7 +2,7 @@
 
 import importlib.metadata as _metadata
 
-from ._custom_types import Key as Key, KeyGrid as KeyGrid
+from ._custom_types import Key as Key, KeyGrid as KeyGrid, Rate as Rate
 from ._distinct import DuplicateKeyError as DuplicateKeyError
 from ._key_grids import (
     example_keys as example_keys,

@@ -17,10 +17,10 @@ from ._typecheck import typecheck, typecheck_enabled
 from ._util import dist_version
 
 _LEGACY_KEY_MSG = (
-    "`jax.random.PRNGKey` was called inside `eqx_rng.debug.key_reuse()`, which refuses "
-    "legacy `uint32[2]` keys because JAX's key-reuse checker cannot track them; use "
-    "`jax.random.key(seed)` (a typed key), or convert a legacy key with "
-    "`eqx_rng.as_key(legacy_key)`."
+    "Make a typed key with `jax.random.key(seed)`, or convert a legacy one with "
+    "`eqx_rng.as_key(legacy_key)`.\n`jax.random.PRNGKey` was called inside "
+    "`eqx_rng.debug.key_reuse()`, which refuses legacy `uint32[2]` keys because "
+    "JAX's key-reuse checker cannot track them."
 )
 
 _guard_lock = threading.Lock()

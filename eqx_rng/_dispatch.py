@@ -107,7 +107,7 @@ class Split:
         self.template = tuple(
             x if s else None for x, s in zip(leaves, static, strict=True)
         )
-        self._rebuild: Callable[[list], Any] | None | bool = False  # False: not built
+        self._rebuild: Callable[[list], Any] | bool = False  # False: not built
 
     def matches(self, leaves: list, treedef: Any, concrete: frozenset) -> bool:
         """Whether `leaves` fit this split, with every array leaf concrete."""
@@ -139,16 +139,23 @@ class Split:
         """`unflatten`, through a builder made for this structure on the first call
         (`_rebuild.py`: several times faster for a tree of Modules rebuilt every
         call)."""
+        return self.builder()(dynamic)
+
+    def builder(self) -> Callable[[list], Any]:
+        """The function `dynamic -> tree` that `rebuild` calls."""
         build = self._rebuild
         if build is False:
             dynamic_idx = set(self.dynamic_idx)
             template = tuple(
                 DYNAMIC if i in dynamic_idx else x for i, x in enumerate(self.template)
             )
-            build = self._rebuild = rebuilder(self.treedef, template)
-        if build is None:
-            return self.unflatten(dynamic)
-        return build(dynamic)  # type: ignore[operator]
+            build = rebuilder(self.treedef, template) or self.unflatten
+            self._rebuild = build
+        return build  # type: ignore[return-value]
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 class Outputs:
@@ -156,12 +163,14 @@ class Outputs:
     whether `jit` returned it as the pytree itself (no static leaves, no Modules:
     `jit` unflattens it in C++) or as its flat dynamic leaves."""
 
-    __slots__ = ("splits", "direct", "closed_cache")
+    __slots__ = ("splits", "direct", "closed_cache", "first")
 
     def __init__(self, splits: tuple[Split, ...], direct: tuple[bool, ...]):
         self.splits = splits
         self.direct = direct
         self.closed_cache: dict[tuple[int, Split], bool] = {}
+        # `output(0, .)` as one function (made while tracing: no JAX operations).
+        self.first = _identity if direct[0] else splits[0].builder()
 
     def output(self, index: int, out: Any) -> Any:
         """Output position `index` as a pytree, from what the compiled function
@@ -185,10 +194,16 @@ class Outputs:
 jtu.register_pytree_node(Outputs, lambda o: ((), o), lambda o, _: o)
 
 
+_SLOW_NODES = (eqx.Module, eqx.nn.State)
+
+
 def _has_module(tree: Any) -> bool:
+    """Whether `tree` holds a Module or an `eqx.nn.State`: nodes that `jit`'s own
+    unflattening rebuilds through a Python callback each, slower than
+    `Split.rebuild`."""
     return any(
-        isinstance(x, eqx.Module)
-        for x in jtu.tree_leaves(tree, is_leaf=lambda y: isinstance(y, eqx.Module))
+        isinstance(x, _SLOW_NODES)
+        for x in jtu.tree_leaves(tree, is_leaf=lambda y: isinstance(y, _SLOW_NODES))
     )
 
 

@@ -6,10 +6,10 @@ The callable flattens its arguments once per call and hands them to a `Dispatche
 once, when it is wrapped: a Module or a bound method of a Module contributes its
 arrays as traced arguments, as `eqx.filter_jit` does for a Module.
 
-A call that repeats the last one's pattern (same number of positional arguments, no
-keyword arguments) takes a shorter path, `_Plan`: per argument position it knows
-what came last time (a concrete array, an `eqx.nn.State`, any other pytree) and
-checks only what could differ.
+A call that repeats the last one's pattern (the same numbers of positional and
+keyword arguments) takes a shorter path written once per variant (`_jit_plan.py`):
+it checks only what could differ, calls the compiled program and rebuilds the
+output in straight-line code.
 """
 
 import functools
@@ -23,7 +23,8 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from ._dispatch import Dispatcher, Entry, Split
+from ._dispatch import Dispatcher, Entry
+from ._jit_plan import MISS, UNUSED_DONATION, Plan, frozen
 from ._typecheck import typecheck
 
 # donate= -> (donate the first argument, donate the rest, silence JAX's warning
@@ -36,14 +37,9 @@ _DONATE = {
     "warn-except-first": (False, True, False),
     "none": (False, False, False),
 }
-_UNUSED_DONATION = "Some donated buffers were not usable*"
 _EQX_ERROR = re.compile(r"_EquinoxRuntimeError: (.*?)(?:\n\s*\n|\Z)", re.DOTALL)
 _EMPTY = jtu.tree_flatten({})
 _LEAF = jtu.tree_structure(0)
-_NO_LEAVES: list = []
-_State = eqx.nn.State
-# Kinds of argument position in a `_Plan`.
-_ARRAY, _STATE, _TREE = 0, 1, 2
 
 
 def _runtime_error(err: BaseException) -> BaseException | None:
@@ -79,18 +75,6 @@ def _fn_parts(fn: Callable) -> tuple[Callable, tuple]:
     return fn, ()
 
 
-def _not_frozen_node(x: Any) -> bool:
-    return not (x is None or isinstance(x, eqx.Module | tuple))
-
-
-def _frozen(tree: Any) -> bool:
-    """Whether every container node of `tree` is immutable (Modules, tuples), so
-    that an unchanged object identity means unchanged leaves. A list or dict inside
-    could be changed in place."""
-    parts = jtu.tree_leaves(tree, is_leaf=_not_frozen_node)
-    return all(jtu.treedef_is_leaf(jtu.tree_structure(x)) for x in parts)
-
-
 class _ArgCache:
     """The flattened form of the last Module passed at one argument position,
     reused while the same object comes back (a model evaluated on batch after
@@ -103,141 +87,6 @@ class _ArgCache:
         self.ref = weakref.ref(x)
         self.flat = flat
         self.frozen: bool | None = None  # None: not checked yet
-
-
-def _state_dict(x: Any) -> dict | None:
-    """The dict inside an `eqx.nn.State` (`StateIndex` marker -> value), or `None`
-    for a State that `State.set` has invalidated (or a future Equinox that stores it
-    differently): the caller then flattens the State, which raises Equinox's own
-    error for a stale State."""
-    d = getattr(x, "_state", None)
-    return d if type(d) is dict else None
-
-
-class _Slot:
-    """One positional argument of a `_Plan`: its kind and split; for a State, its
-    keys and the structure of its values; for a Module, the object seen last
-    (`ref`), whether its containers are all immutable (`frozen`, checked when the
-    same object comes a second time) and its dynamic leaves."""
-
-    __slots__ = ("kind", "split", "ref", "frozen", "dyn", "keys", "layout", "values_td")
-
-    def __init__(self, kind: int, split: Split):
-        self.kind = kind
-        self.split = split
-        self.ref: Callable[[], Any] = _dead
-        self.frozen: bool | None = None  # None: not checked for this object yet
-        self.dyn: list = []
-        self.keys: tuple = ()
-        # Per State value: `None` for an array, `n` for a tuple of n arrays; or
-        # `()` when some value is another pytree (then `values_td` is compared).
-        self.layout: tuple = ()
-        self.values_td: Any = None
-
-    def state(self, x: Any, concrete: frozenset) -> list | None:
-        """The leaves of `eqx.nn.State` `x` (in `State.tree_flatten`'s order), or
-        `None` if it does not fit."""
-        state = _state_dict(x) if type(x) is _State else None
-        if state is None or tuple(state) != self.keys:
-            return None
-        if not self.layout:
-            leaves, td = jtu.tree_flatten(tuple(state.values()))
-            if td != self.values_td:
-                return None
-        else:
-            leaves = []
-            for v, n in zip(state.values(), self.layout, strict=True):
-                if n is None:
-                    leaves.append(v)
-                elif type(v) is tuple and len(v) == n:
-                    leaves.extend(v)
-                else:
-                    return None
-        return leaves if concrete.issuperset(map(type, leaves)) else None
-
-    def tree(self, x: Any, concrete: frozenset) -> list | None:
-        """The dynamic leaves of pytree `x`, or `None` if it does not fit."""
-        if self.frozen and self.ref() is x:
-            return self.dyn
-        leaves, treedef = jtu.tree_flatten(x)
-        if not self.split.matches(leaves, treedef, concrete):
-            return None
-        dyn = self.split.dynamic(leaves)
-        if isinstance(x, eqx.Module):
-            if self.ref() is not x:
-                self.ref, self.frozen = weakref.ref(x), None
-            elif self.frozen is None:
-                self.frozen = _frozen(x)  # the second time: worth checking, once
-            self.dyn = dyn
-        return dyn
-
-
-def _dead() -> None:
-    return None
-
-
-def _layout(values: Any, concrete: frozenset) -> tuple:
-    """`_Slot.layout` for the values of a State: `()` unless every value is an
-    array or a tuple of arrays."""
-    layout = []
-    for v in values:
-        if type(v) in concrete:
-            layout.append(None)
-        elif type(v) is tuple and all(type(y) in concrete for y in v):
-            layout.append(len(v))
-        else:
-            return ()
-    return tuple(layout)
-
-
-class _Plan:
-    """The last call's variant, and what its positional arguments were."""
-
-    __slots__ = ("d", "e", "n", "fn_dyn", "slots")
-
-    def __init__(self, d: Dispatcher, e: Entry, args: tuple, flat: list):
-        self.d, self.e, self.n = d, e, len(args)
-        self.fn_dyn = e.splits[0].dynamic(flat[0][0])
-        concrete = d.concrete
-        self.slots: list[_Slot] = []
-        for x, split in zip(args, e.splits[1:-1], strict=True):
-            if type(x) in concrete:
-                slot = _Slot(_ARRAY, split)
-            elif type(x) is _State and split.get_dynamic is None:
-                state = _state_dict(x)
-                slot = _Slot(_STATE if state is not None else _TREE, split)
-                if state is not None:
-                    slot.keys = tuple(state)
-                    slot.values_td = jtu.tree_structure(tuple(state.values()))
-                    slot.layout = _layout(state.values(), concrete)
-            else:
-                slot = _Slot(_TREE, split)
-                slot.tree(x, concrete)
-            self.slots.append(slot)
-
-    def dynamic(self, args: tuple) -> list | None:
-        """The dynamic leaves of each dispatcher argument, or `None` if `args` may
-        not fit the variant (the caller then takes the general path)."""
-        concrete = self.d.concrete
-        out = [self.fn_dyn]
-        for slot, x in zip(self.slots, args, strict=True):
-            kind = slot.kind
-            if kind is _ARRAY:
-                if type(x) not in concrete:
-                    return None
-                out.append([x])
-            elif kind is _STATE:
-                leaves = slot.state(x, concrete)
-                if leaves is None:
-                    return None
-                out.append(leaves)
-            else:
-                dyn = slot.tree(x, concrete)
-                if dyn is None:
-                    return None
-                out.append(dyn)
-        out.append(_NO_LEAVES)
-        return out
 
 
 class _Jitted:
@@ -261,7 +110,8 @@ class _Jitted:
         self._signature: inspect.Signature | None = None
         self._checked_entry: Entry | None = None
         self._checked: list = []
-        self._plan: _Plan | None = None
+        self._plan: Plan | None = None
+        self._plans: dict[Entry, Plan] = {}  # written once per variant
         functools.update_wrapper(self, fn, updated=())
 
     def __repr__(self) -> str:
@@ -296,7 +146,7 @@ class _Jitted:
         c = self._cache[i]
         if c is not None and c.ref() is x:
             if c.frozen is None:
-                c.frozen = _frozen(x)
+                c.frozen = frozen(x)
             if c.frozen:
                 return c.flat
         flat = jtu.tree_flatten(x)
@@ -335,10 +185,10 @@ class _Jitted:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         plan = self._plan
-        if plan is not None and not kwargs and len(args) == plan.n:
-            dynamic = plan.dynamic(args)
-            if dynamic is not None:
-                return self._run(plan.d, plan.e, dynamic)
+        if plan is not None and len(args) == plan.n and len(kwargs) == plan.nk:
+            out = plan.fast(args, kwargs)
+            if out is not MISS:
+                return out
         d, flat = self._flat(args, kwargs)
         e = d.last_entry
         if e is None or not self._fits(e, flat, d.concrete):
@@ -347,13 +197,29 @@ class _Jitted:
             # A tracer among the leaves: inside jit / vmap / grad / scan, run inline.
             return _call_parts(*[tr.unflatten(leaves) for leaves, tr in flat])
         dynamic = [s.dynamic(lv) for s, (lv, _) in zip(e.splits, flat, strict=True)]
-        self._plan = None if kwargs else _Plan(d, e, args, flat)
+        if kwargs and self._donate_first != self._donate_rest:
+            self._plan = None  # `_flat` bound keyword arguments to positions
+        else:
+            self._plan = self._plan_for(d, e, args, kwargs, flat)
         return self._run(d, e, dynamic)
+
+    def _plan_for(
+        self, d: Dispatcher, e: Entry, args: tuple, kwargs: dict, flat: list
+    ) -> Plan:
+        # Writing a plan costs a few hundred µs: one per variant, kept while the
+        # dispatcher keeps the variant (the kinds of argument positions follow
+        # from the variant's tree structures).
+        plan = self._plans.get(e)
+        if plan is None or (plan.n, plan.nk) != (len(args), len(kwargs)):
+            if len(self._plans) >= 2 * d.max_entries:
+                self._plans.clear()
+            plan = self._plans[e] = Plan(d, e, args, kwargs, flat, self._silence)
+        return plan
 
     def _run(self, d: Dispatcher, e: Entry, dynamic: list) -> Any:
         if self._silence:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=_UNUSED_DONATION)
+                warnings.filterwarnings("ignore", message=UNUSED_DONATION)
                 outs, desc = d.run(e, dynamic)
         else:
             outs, desc = d.run(e, dynamic)
@@ -391,8 +257,11 @@ def jit(fn: Callable, *, donate: str = "none") -> Callable:
     compiled variant (tree structure, static leaves equal, array leaves concrete)
     and calls a `jax.jit` function of the flat arrays: within a few per cent of a
     hand-written `jax.jit` call, where `eqx.filter_jit` costs several times more for
-    a small model. New shapes or dtypes recompile as `jax.jit` does; up to 16
-    structures are cached.
+    a small model. A call that repeats the last one's pattern takes a shorter path
+    written for its variant (the same Module or State object is not read again);
+    a keyword argument that is a pytree (not an array, number, string or `None`)
+    takes the general path, so pass such arguments by position in a hot loop. New
+    shapes or dtypes recompile as `jax.jit` does; up to 16 structures are cached.
 
     **Differences from `eqx.filter_jit`.** A bound method of a Module traces the
     Module's arrays (`eqx.filter_jit` bakes them into the program as constants), so

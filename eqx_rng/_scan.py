@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._custom_types import _LEGACY_KEY_HINT
+from ._custom_types import _legacy_key_message
 from ._keys import derive
 from ._util import describe, is_typed_key
 
@@ -29,7 +29,9 @@ def _check_key(key: Any) -> None:
             "pass the keys in `xs`"
         )
     elif isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32:
-        hint = f"a legacy uint32 key of shape {tuple(key.shape)}. {_LEGACY_KEY_HINT}"
+        raise TypeError(
+            _legacy_key_message("eqx_rng.scan(fn)(carry, xs, key=...)", key.shape)
+        )
     else:
         hint = f"{describe(key)}; pass `jax.random.key(seed)` or `eqx_rng.as_key(seed)`"
     raise TypeError(

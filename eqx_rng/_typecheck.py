@@ -28,7 +28,7 @@ from jaxtyping import TypeCheckError, jaxtyped
 from ._custom_types import _LEGACY_KEY_FIX
 from ._util import is_legacy_key
 
-_T = TypeVar("_T")
+Fn = TypeVar("Fn")
 
 _ENABLED: bool = os.environ.get("EQX_RNG_TYPECHECK", "1").strip().lower() not in (
     "0",
@@ -139,7 +139,7 @@ def _legacy_key_error(name: str, params: list[str]) -> TypeCheckError:
     )
 
 
-def typecheck(fn: _T) -> _T:
+def typecheck(fn: Fn) -> Fn:
     """Check a function's jaxtyping annotations with beartype when it is called.
 
     The same as `jaxtyping.jaxtyped(typechecker=beartype)`, except that a failing

@@ -112,22 +112,20 @@ def experiment_parser(
     out: str,
     seed_help: str = "base seed (default: %(default)s)",
     seeds_help: str | None = None,
+    out_help: str = "output directory (default: %(default)s)",
+    tiny_help: str = "smoke configuration of a few seconds",
     **kwargs: Any,
 ) -> argparse.ArgumentParser:
     """The flags every experiment takes: `--out` (default `out`), `--seed`, `--seeds
     N` (only with `seeds_help`) and `--tiny`. Add the script's own flags after."""
     parser = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
-    parser.add_argument(
-        "--out", default=out, help="output directory (default: %(default)s)"
-    )
+    parser.add_argument("--out", default=out, help=out_help)
     parser.add_argument("--seed", type=int, default=0, help=seed_help)
     if seeds_help is not None:
         parser.add_argument(
             "--seeds", type=positive_int, default=None, metavar="N", help=seeds_help
         )
-    parser.add_argument(
-        "--tiny", action="store_true", help="smoke configuration of a few seconds"
-    )
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
     return parser
 
 

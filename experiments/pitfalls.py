@@ -11,7 +11,6 @@ table, and exits non-zero if any pitfall goes uncaught.
 already runs in seconds).
 """
 
-import argparse
 import dataclasses
 import inspect
 import sys
@@ -549,30 +548,16 @@ def run_all(key: Any) -> list[Outcome]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Run the classic JAX randomness bugs and show eqx_rng catching each."
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the demonstration data (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--out",
-        default="runs/pitfalls",
-        help="output directory for pitfalls.json (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="accepted for uniformity; everything here is tiny",
+    parser = _common.experiment_parser(
+        None,
+        "Run the classic JAX randomness bugs and show eqx_rng catching each.",
+        out="runs/pitfalls",
+        out_help="output directory for pitfalls.json (default: %(default)s)",
+        seed_help="seed of the demonstration data (default: %(default)s)",
+        tiny_help="accepted for uniformity; everything here is tiny",
     )
     args = parser.parse_args(argv)
-    try:
-        out = _common.prepare_out_dir(args.out)
-    except _common.UsageError as e:
-        parser.error(str(e))
+    out = _common.out_dir_or_exit(parser, args.out)
 
     outcomes = run_all(eqx_rng.as_key(args.seed))
     for i, o in enumerate(outcomes, 1):
@@ -600,14 +585,9 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
-    _common.write_json(
+    _common.write_summary(
         out / "pitfalls.json",
-        {
-            "seed": args.seed,
-            "outcomes": [dataclasses.asdict(o) for o in outcomes],
-            "git_commit": _common.git_commit(),
-            "doctor": eqx_rng.debug.doctor(),
-        },
+        {"seed": args.seed, "outcomes": [dataclasses.asdict(o) for o in outcomes]},
     )
     uncaught = [o.name for o in outcomes if not o.caught]
     print(

@@ -280,6 +280,86 @@ def test_state_of_another_structure_or_dtype_is_not_mixed_up():
         g(x, state)
 
 
+def test_same_state_object_again_and_states_alternating():
+    # An evaluation loop passes one State object again and again: its leaves are
+    # read once. Two States of the same keys, alternating, must each be read as
+    # themselves, and a State made with `State.set` from the first is read afresh.
+    counter, state = eqx.nn.make_with_state(_Counter)()
+    fast = eqx_rng.jit(counter)
+    x = jnp.array([1.0, 2.0])
+    three = (jnp.full(2, 3.0, jnp.float32), jnp.zeros(()))
+    other = eqx.nn.State.tree_unflatten(
+        tuple(state._state),  # type: ignore[arg-type]  # noqa: SLF001
+        (three,),
+    )
+    for _ in range(3):
+        y, _ = fast(x, state)
+        assert jnp.array_equal(y, x)
+        y, _ = fast(x, other)
+        assert jnp.array_equal(y, x + 3.0)
+    five = (jnp.full(2, 5.0, jnp.float32), jnp.zeros(()))
+    newer = other.set(counter.index, five)
+    assert jnp.array_equal(fast(x, newer)[0], x + 5.0)
+    with pytest.raises(ValueError, match="Attempted to use old state"):
+        fast(x, other)  # `set` invalidated it
+
+
+def test_alternating_structures_each_keep_their_variant():
+    # Each variant has its own written fast path; alternating between two
+    # structures (and two static values) gives each call its own numbers.
+    f = Counted(lambda tree, scale: scale * sum(jax.tree.leaves(tree)))
+    fast = eqx_rng.jit(f)
+    a = (jnp.ones(2), jnp.ones(2))
+    b = {"u": jnp.ones(2), "v": jnp.ones(2), "w": jnp.ones(2)}
+    for _ in range(3):
+        assert jnp.array_equal(fast(a, 2.0), jnp.full(2, 4.0))
+        assert jnp.array_equal(fast(b, 2.0), jnp.full(2, 6.0))
+        assert jnp.array_equal(fast(b, 3.0), jnp.full(2, 9.0))
+    assert f.traces == 3
+
+
+def test_keyword_arguments_take_the_written_path_too():
+    # `key=` by keyword is how eqx_rng code calls everything: such calls repeat on
+    # the written path; a static keyword value that changes, or a keyword argument
+    # that is a pytree, still gets its own variant and the right numbers.
+    model = eqx.nn.MLP(2, 2, 8, 1, key=jr.key(0))
+    f = Counted(
+        lambda model, x, *, key, scale=1.0: (
+            scale * jax.vmap(model)(x) + jr.normal(key, (x.shape[0], 2))
+        )
+    )
+    fast, ref = eqx_rng.jit(f), eqx.filter_jit(f.fn)
+    x = jnp.ones((3, 2))
+    for i in range(3):
+        k = jr.key(i)
+        assert tree_allclose(fast(model, x, key=k), ref(model, x, key=k))
+        want = ref(model, x, key=k, scale=2.0)
+        assert tree_allclose(fast(model, x, key=k, scale=2.0), want)
+    assert f.traces == 2  # one variant per value of the static `scale`
+    from eqx_rng._jit_plan import _never
+
+    plan = fast._plan  # type: ignore[attr-defined]
+    assert plan.nk == 2 and plan.fast is not _never  # the written path is in use
+    g = eqx_rng.jit(lambda x, *, shift: x + sum(jax.tree.leaves(shift)))
+    for shift in ((jnp.ones(2), 1.0), jnp.array(2.0), 3.0, jnp.array(4.0)):
+        want = jnp.ones(2) + sum(jax.tree.leaves(shift))
+        assert jnp.array_equal(g(jnp.ones(2), shift=shift), want)
+        assert jnp.array_equal(g(jnp.ones(2), shift=shift), want)
+
+
+def test_donated_fast_path_feeds_outputs_back():
+    # The written fast path with donation (warnings silenced): every call deletes
+    # its inputs and the outputs fed back are the next inputs.
+    step = eqx_rng.jit(lambda x, y: (x + 1, y * 2), donate="all")
+    x, y = jnp.zeros(3), jnp.ones(3)
+    for i in range(1, 5):
+        old = (x, y)
+        x, y = step(x, y)
+        assert old[0].is_deleted() and old[1].is_deleted()
+        assert jnp.array_equal(x, jnp.full(3, float(i)))
+        assert jnp.array_equal(y, jnp.full(3, 2.0**i))
+
+
 def test_stale_state_is_refused_as_equinox_refuses_it():
     counter, state = eqx.nn.make_with_state(_Counter)()
     fast = eqx_rng.jit(counter)
@@ -340,6 +420,8 @@ def test_rebuilder_matches_unflatten_on_mixed_trees():
         "pair": Pair(jnp.ones(2), [None, 3, "s"]),
         "empty": [],
         "static": (eqx_rng.nn.Dropout(0.5), None),
+        # Mostly constant fields: rebuilt from a copy of its template dict.
+        "bn": eqx.nn.BatchNorm(3, "batch", mode="batch"),
     }
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     template = tuple(DYNAMIC if eqx.is_array(x) else x for x in leaves)
@@ -353,6 +435,7 @@ def test_rebuilder_matches_unflatten_on_mixed_trees():
     got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
     assert all(a is b for a, b in zip(got_leaves, want_leaves, strict=True))
     assert vars(got["model"]).keys() == vars(want["model"]).keys()
+    assert list(vars(got["bn"]).items()) == list(vars(want["bn"]).items())
     assert got["pair"].b is not again["pair"].b  # a list: never shared
     assert got["state"] is not again["state"]  # a State: never shared
     assert got["state"].get(counter.index)[0] is want["state"].get(counter.index)[0]

@@ -71,6 +71,66 @@ def test_sgld_schedule_uses_the_step_count():
     assert jnp.allclose(out["w"], -(1 / 3) * jnp.ones(3))
 
 
+@pytest.mark.parametrize("make", [eqx_rng.optim.sgld, eqx_rng.optim.psgld])
+def test_constant_temperature_schedule_equals_the_number_bitwise(make):
+    grads = {"a": jnp.linspace(-1.0, 2.0, 12).reshape(3, 4), "b": jnp.ones(5)}
+    number = make(0.01, temperature=0.7, num_data=30)
+    schedule = make(0.01, temperature=optax.constant_schedule(0.7), num_data=30)
+    for steps in (1, 3):
+        a, state_a = _update(number, grads, jr.key(6), steps=steps)
+        b, state_b = _update(schedule, grads, jr.key(6), steps=steps)
+        assert all(jnp.array_equal(a[k], b[k]) for k in grads)
+        assert jax.tree.all(jax.tree.map(jnp.array_equal, state_a, state_b))
+
+
+def _sgld_or_sgd_run(opt, loss, steps: int) -> Any:
+    """`steps` updates of `opt` on the linear-regression `loss`, from zero."""
+    params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+    state = opt.init(params)
+    for t in range(steps):
+        grads = jax.grad(loss)(params)
+        updates, state = opt.update(grads, state, params, key=jr.key(t))
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def test_temperature_zero_is_sgd_on_num_data_times_the_loss_bitwise():
+    # sgld at temperature 0 (a number, or a schedule's exploration stage) is SGD
+    # with step eps / 2 on num_data * loss. With num_data a power of two both sides
+    # round the same real products once, so they agree bit for bit.
+    x = jr.normal(jr.key(7), (16, 3))
+    y = x @ jnp.array([0.5, -1.0, 2.0]) + 0.3
+
+    def loss(p):
+        return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+    eps, n, steps = 3e-4, 1024, 6
+    sgd = _sgld_or_sgd_run(optax.sgd(eps / 2), lambda p: n * loss(p), steps)
+    exploring = lambda t: jnp.where(t < steps, 0.0, 1.0)  # noqa: E731
+    for temperature in (0.0, exploring):
+        opt = eqx_rng.optim.sgld(eps, temperature=temperature, num_data=n)
+        sgld = _sgld_or_sgd_run(opt, loss, steps)
+        assert all(jnp.array_equal(sgld[k], sgd[k]) for k in sgd)
+    # It has moved: the comparison is not of two untouched zeros.
+    assert not jnp.array_equal(sgd["w"], jnp.zeros(3))
+
+
+def test_sgld_noise_variance_under_a_temperature_schedule_at_5_sigma():
+    # Zero gradients: the update is the noise alone, N(0, eps * T(t)). The schedule
+    # is 0 at t = 0 and 1 and T at t = 2, so it must be read at the step count.
+    size, eps, temperature = 200_000, 0.02, 3.0
+    schedule = lambda t: jnp.where(t < 2, 0.0, temperature)  # noqa: E731
+    opt = eqx_rng.optim.sgld(eps, temperature=schedule, num_data=10)
+    grads = {"w": jnp.zeros(size)}
+    first, _ = _update(opt, grads, jr.key(8))
+    assert jnp.array_equal(first["w"], jnp.zeros(size))
+    out, _ = _update(opt, grads, jr.key(8), steps=3)
+    var = eps * temperature
+    x = np.asarray(out["w"], np.float64)
+    assert abs(x.mean()) < 5 * math.sqrt(var / size)
+    assert abs(x.var() - var) < 5 * var * math.sqrt(2 / (size - 1))
+
+
 def test_add_noise_variance_at_5_sigma():
     n, eta, gamma, t = 200_000, 0.3, 0.55, 4
     grads = {"w": jnp.zeros(n)}
@@ -119,6 +179,19 @@ def test_missing_or_bad_key(make):
         opt.update(params, state, params, key=jr.PRNGKey(0))
     with pytest.raises(TypeError, match="typed key"):
         opt.update(params, state, params, key=3)
+
+
+def test_legacy_key_message_starts_with_the_fix():
+    opt = eqx_rng.optim.sgld(0.1, num_data=3)
+    params = {"w": jnp.zeros(2)}
+    with pytest.raises(TypeError) as info:
+        opt.update(params, opt.init(params), params, key=jr.PRNGKey(0))
+    fix, received = str(info.value).splitlines()
+    assert fix.startswith("Convert the key with `eqx_rng.as_key(key)`")
+    assert received.startswith(
+        "`eqx_rng.optim.sgld(...).update` got a legacy `uint32[2]` key (from "
+        "`jax.random.PRNGKey`) for `key`"
+    )
 
 
 @pytest.mark.parametrize(

@@ -688,6 +688,7 @@ def test_returned_train_state_is_rebuilt_bitwise_as_unflattening_does():
         assert jax.tree.structure(ts_fast) == jax.tree.structure(ts_ref)
         # Fields are ordinary Modules: updating one is plain Equinox.
         assert isinstance(ts_fast.model.mlp.layers[0], eqx.nn.Linear)
+    assert step._fast is not None  # the written repeated-call path was taken
     bumped = eqx.tree_at(lambda ts: ts.model.drop, ts_fast, eqx_rng.nn.Dropout(0.2))
     ts_fast, _ = step(bumped, _batch(3))
     ts_ref, _ = reference(

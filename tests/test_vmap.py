@@ -467,6 +467,17 @@ def test_bad_key_argument(bad, error, match, xs):
         eqx_rng.vmap(add_noise2)(xs, key=bad)
 
 
+def test_legacy_key_message_starts_with_the_fix(xs):
+    with pytest.raises(TypeError) as info:
+        eqx_rng.vmap(add_noise2)(xs, key=jax.random.PRNGKey(0))
+    fix, received = str(info.value).splitlines()
+    assert fix.startswith("Convert the key with `eqx_rng.as_key(key)`")
+    assert received.startswith(
+        "`eqx_rng.vmap(fn)` got a legacy `uint32[2]` key (from `jax.random.PRNGKey`) "
+        "for `key`"
+    )
+
+
 def test_keys_mode_is_validated():
     with pytest.raises(ValueError, match="'derive'.*'broadcast'"):
         eqx_rng.vmap(add_noise2, keys="share")

@@ -7,8 +7,9 @@ from typing import Any
 import jax.tree_util as jtu
 import optax
 
-from .._dispatch import Dispatcher, Entry
+from .._dispatch import Dispatcher, Entry, Outputs
 from .._typecheck import typecheck
+from ._fast import MISS, write_fast_step
 from ._state import TrainState, new_train_state
 from ._step import NAN_POLICIES, loss_fn_name, make_multi_step, make_one_step, nan_error
 
@@ -56,6 +57,10 @@ class _TrainStep:
         )
         # (weakref to the TrainState returned last, its entry, its dynamic leaves)
         self._last_out: tuple[Any, Entry, list] | None = None
+        # The written fast path of the last variant (`_fast.py`), per (entry,
+        # output structure) it was written for.
+        self._fast: Callable[[Any, Any], Any] | None = None
+        self._fasts: dict[tuple[Entry, Outputs], Callable | None] = {}
         self.__name__ = self.__qualname__ = f"train_step[{name}]"
 
     def __repr__(self) -> str:
@@ -70,6 +75,11 @@ class _TrainStep:
             self._last_out = None
 
     def __call__(self, ts: Any, batch: Any) -> tuple[Any, Any]:
+        fast = self._fast
+        if fast is not None:
+            out = fast(ts, batch)
+            if out is not MISS:
+                return out
         # `ts` is checked here, not annotated: a type checker's message would hide
         # ours, and a per-call check would cost more than the dispatch.
         if type(ts) is not TrainState:
@@ -105,6 +115,20 @@ class _TrainStep:
         (out, metrics), desc = self._dispatch.run(
             e, [donated, [key], e.splits[2].dynamic(batch_leaves)]
         )
+        result = self._finish(e, key, out, metrics, desc)
+        # Writing a fast path costs about a millisecond: once per variant and
+        # output structure.
+        fasts = self._fasts
+        if (e, desc) not in fasts:
+            if len(fasts) >= 2 * self._dispatch.max_entries:
+                fasts.clear()
+            fasts[e, desc] = write_fast_step(self, self._dispatch, e, desc)
+        self._fast = fasts[e, desc]
+        return result
+
+    def _finish(
+        self, e: Entry, key: Any, out: list, metrics: Any, desc: Outputs
+    ) -> tuple[TrainState, Any]:
         model, state, opt_state, step = desc.splits[0].rebuild(out)
         new_ts = new_train_state(model, state, opt_state, key, step)
         if desc.closed(0, e.splits[0]):

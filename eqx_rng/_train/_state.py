@@ -10,15 +10,15 @@ import numpy as np
 import optax
 from jaxtyping import Array, Int, PyTree
 
-from .._custom_types import Key, KeyGrid
+from .._custom_types import Key, KeyGrid, _legacy_key_message
 from .._keys import as_key
-from .._typecheck import typecheck
+from .._typecheck import typecheck, typecheck_enabled
+from .._util import describe, is_legacy_key, is_typed_key
 from ._trainable import init_opt_state
 
 _getattr = object.__getattribute__
 
 
-@typecheck
 class TrainState(eqx.Module):
     """Everything a training run carries from one step to the next.
 
@@ -36,7 +36,10 @@ class TrainState(eqx.Module):
     - `key`: The run's typed PRNG key.
     - `step`: The number of steps taken, an `int32` scalar array.
 
-    Make one with `TrainState.create`.
+    Make one with `TrainState.create`. Built directly, `TrainState(model, state,
+    opt_state, key, step)` checks its fields and refuses the common mistakes (a
+    legacy or missing key, a Python `int` step, the optimizer or an `eqx.nn.State`
+    in the wrong field) with a short message naming the fix.
 
     !!! Example
 
@@ -56,6 +59,54 @@ class TrainState(eqx.Module):
     # built directly) has a leading chain axis here too.
     key: KeyGrid
     step: Int[Array, "*chains"]
+
+    def __init__(
+        self, model: PyTree, state: PyTree, opt_state: PyTree, key: Any, step: Any
+    ):
+        """**Arguments:**
+
+        - `model`: The model, usually an `eqx.Module` (chain-batched: a leading
+            chain axis on its arrays).
+        - `state`: An `eqx.nn.State`, or `None`.
+        - `opt_state`: The optimizer's state,
+            `optimizer.init(eqx.filter(model, eqx.is_inexact_array))` by default.
+        - `key`: A typed PRNG key (chain-batched: an array of keys, one per chain).
+        - `step`: An integer array: `jnp.zeros((), jnp.int32)` for a new run (one
+            entry per chain when chain-batched).
+
+        **Raises:**
+
+        `TypeError` for a legacy `uint32` key (the message starts with the fix,
+        `eqx_rng.as_key`), a `key` that is not a typed key array, a `step` that is
+        not a signed integer array (the annotations of the fields `key` and
+        `step`), a class instead of a model, or an optax optimizer or
+        `eqx.nn.State` in the wrong field. These checks are off when
+        `EQX_RNG_TYPECHECK=0` was set before import, like the type checks.
+
+        !!! Example
+
+            ```python
+            import optax
+
+            model = eqx.nn.Linear(2, 1, key=jr.key(0))
+            optimizer = optax.sgd(0.1)
+            opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+            ts = eqx_rng.TrainState(
+                model, None, opt_state, jr.key(1), jnp.zeros((), jnp.int32)
+            )
+            try:
+                eqx_rng.TrainState(model, None, opt_state, jr.PRNGKey(1), ts.step)
+            except TypeError as e:
+                assert str(e).startswith("Convert the key with `eqx_rng.as_key(key)`")
+            ```
+        """
+        if typecheck_enabled():  # off with `EQX_RNG_TYPECHECK=0`, as before
+            _check_fields(model, state, opt_state, key, step)
+        self.model = model
+        self.state = state
+        self.opt_state = opt_state
+        self.key = key
+        self.step = step
 
     @classmethod
     @typecheck
@@ -128,6 +179,60 @@ class TrainState(eqx.Module):
             key=key,
             step=jnp.zeros((), jnp.int32),
         )
+
+
+_CREATE = (
+    "`eqx_rng.TrainState.create(model, optimizer, key=...)` builds `opt_state`, the "
+    "key (from an int seed too) and `step` for you"
+)
+
+
+def _check_fields(model: Any, state: Any, opt_state: Any, key: Any, step: Any) -> None:
+    """Short `TypeError`s for the common mistakes in `TrainState(...)`. The key and
+    step checks are those of the annotations `KeyGrid` and `Int[Array, "*chains"]`
+    (a typed key array; a signed integer array), with a message naming the fix
+    instead of the type checker's report."""
+    call = "eqx_rng.TrainState(model, state, opt_state, key, step)"
+    if is_legacy_key(key):
+        raise TypeError(_legacy_key_message("eqx_rng.TrainState", tuple(key.shape)))
+    if not is_typed_key(key) or not isinstance(key, jax.Array):
+        raise TypeError(
+            f"`{call}` takes `key` as a typed PRNG key (`jax.random.key(seed)`, or "
+            f"one key per chain), got {describe(key)}. Convert a seed with "
+            f"`eqx_rng.as_key(seed)`; {_CREATE}."
+        )
+    if not (
+        isinstance(step, jax.Array) and jnp.issubdtype(step.dtype, jnp.signedinteger)
+    ):
+        raise TypeError(
+            f"`{call}` takes `step` as a signed integer array "
+            f"(`jnp.zeros((), jnp.int32)` for a new run, one entry per chain), got "
+            f"{describe(step)}; {_CREATE}."
+        )
+    if isinstance(model, type):
+        raise TypeError(
+            f"`{call}` takes a model instance, got the class `{model.__name__}`; "
+            f"build the model first, for example `{model.__name__}(..., key=key)`."
+        )
+    if isinstance(model, tuple) and any(isinstance(x, eqx.nn.State) for x in model):
+        raise TypeError(
+            f"`{call}` got a tuple holding an `eqx.nn.State` as `model` (what "
+            f"`eqx.nn.make_with_state` returns); unpack it: `model, state = "
+            f"eqx.nn.make_with_state(...)(...)`, then pass `model` and `state`."
+        )
+    for name, value in (("model", model), ("state", state), ("opt_state", opt_state)):
+        if isinstance(value, optax.GradientTransformation):
+            raise TypeError(
+                f"`{call}` got an optax optimizer as `{name}`; `opt_state` is the "
+                f"optimizer's state, `optimizer.init(eqx.filter(model, "
+                f"eqx.is_inexact_array))`, and the optimizer itself goes to "
+                f"`make_train_step`; {_CREATE}."
+            )
+        if name != "state" and isinstance(value, eqx.nn.State):
+            raise TypeError(
+                f"`{call}` got an `eqx.nn.State` as `{name}`; it belongs in `state` "
+                f"(the fields are in the order model, state, opt_state, key, step)."
+            )
 
 
 def _copy_arrays(tree: Any) -> Any:

@@ -20,7 +20,7 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from .._custom_types import _LEGACY_KEY_HINT
+from .._custom_types import _legacy_key_message
 from .._keys import derive
 from .._typecheck import typecheck
 from .._util import describe, is_typed_key
@@ -61,10 +61,7 @@ def _check_key(key: Any) -> None:
             )
         return
     if isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32:
-        raise TypeError(
-            f"`eqx_rng.vmap(fn)(..., key=...)` got a legacy uint32 key of shape "
-            f"{tuple(key.shape)}. {_LEGACY_KEY_HINT}"
-        )
+        raise TypeError(_legacy_key_message("eqx_rng.vmap(fn)", tuple(key.shape)))
     raise TypeError(
         f"`eqx_rng.vmap(fn)(..., key=...)` takes a typed scalar PRNG key "
         f"(`jax.random.key(seed)` or `eqx_rng.as_key(seed)`), got {describe(key)}."

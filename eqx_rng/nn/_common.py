@@ -15,15 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._custom_types import Key
+from .._custom_types import Key, Rate
 from .._typecheck import typecheck
 
 _Rate: TypeAlias = float | Float[Array, ""]
 """A rate or scale field: a Python float (static under `eqx.filter_jit`), or a JAX
 scalar (traced, so it may differ across a vmapped ensemble)."""
 
-_RateLike: TypeAlias = float | int | np.floating | np.integer | Array
-"""What a constructor accepts for a rate or scale; normalised to `_Rate`."""
+_RateLike: TypeAlias = Rate
+"""Former private name of `eqx_rng.Rate` (what a constructor accepts for a rate or
+scale; normalised to `_Rate`), kept importable for code that used it."""
 
 _MISSING_KEY_MSG = (
     "`{name}` needs `key=` in training mode: pass a PRNG key, `layer(x, key=key)` "

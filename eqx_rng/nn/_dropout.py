@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
-from .._custom_types import Key
+from .._custom_types import Key, Rate
 from ._common import (
     AbstractStochasticLayer,
     _check_range,
@@ -26,7 +26,6 @@ from ._common import (
     _normalise_dims,
     _normalise_rate,
     _Rate,
-    _RateLike,
     _saturate,
     _scale_for_keep,
 )
@@ -97,7 +96,7 @@ class Dropout(AbstractStochasticLayer):
 
     def __init__(
         self,
-        p: _RateLike = 0.5,
+        p: Rate = 0.5,
         *,
         broadcast_dims: Sequence[int] = (),
         inference: bool = False,
@@ -223,7 +222,7 @@ class GaussianDropout(AbstractStochasticLayer):
 
     def __init__(
         self,
-        p: _RateLike,
+        p: Rate,
         *,
         broadcast_dims: Sequence[int] = (),
         inference: bool = False,
@@ -300,7 +299,7 @@ class DropPath(AbstractStochasticLayer):
     inference: bool
     non_trainable_fields: ClassVar[tuple[str, ...]] = ("p",)
 
-    def __init__(self, p: _RateLike, *, inference: bool = False):
+    def __init__(self, p: Rate, *, inference: bool = False):
         """**Arguments:**
 
         - `p`: Probability of dropping the example, `0 <= p <= 1`. A Python number

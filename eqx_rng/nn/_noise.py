@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float
 
-from .._custom_types import Key
+from .._custom_types import Key, Rate
 from ._common import (
     AbstractStochasticLayer,
     _check_range,
@@ -17,7 +17,6 @@ from ._common import (
     _normalise_dims,
     _normalise_rate,
     _Rate,
-    _RateLike,
     _saturate,
 )
 
@@ -55,7 +54,7 @@ class GaussianNoise(AbstractStochasticLayer):
 
     def __init__(
         self,
-        std: _RateLike,
+        std: Rate,
         *,
         broadcast_dims: Sequence[int] = (),
         inference: bool = False,

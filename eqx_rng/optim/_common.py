@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from jax.core import Tracer
 
-from .._custom_types import _LEGACY_KEY_HINT
+from .._custom_types import _legacy_key_message
 from .._key_trees import tree_normal
 from .._util import describe, is_typed_key
 
@@ -37,8 +37,7 @@ def check_key(key: Any, name: str) -> None:
         return
     if isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32:
         raise TypeError(
-            f"`eqx_rng.optim.{name}`: `key` is a legacy uint32 key of shape "
-            f"{tuple(key.shape)}. {_LEGACY_KEY_HINT}"
+            _legacy_key_message(f"eqx_rng.optim.{name}(...).update", tuple(key.shape))
         )
     raise TypeError(
         f"`eqx_rng.optim.{name}` takes `key=` as one typed key "
@@ -90,6 +89,15 @@ def schedule_value(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> A
     if callable(learning_rate):
         return jnp.asarray(learning_rate(count), jnp.float32)
     return jnp.asarray(learning_rate, jnp.float32)
+
+
+def temperature_value(temperature: optax.ScalarOrSchedule, count: jax.Array) -> Any:
+    """The temperature at update `count`: a schedule's value as a float32 array, a
+    number as a Python float (so a number gives the same program as before
+    schedules were accepted)."""
+    if callable(temperature):
+        return schedule_value(temperature, count)
+    return float(temperature)
 
 
 def keyed_transformation(

@@ -15,6 +15,7 @@ from ._common import (
     init_count,
     keyed_transformation,
     schedule_value,
+    temperature_value,
 )
 
 
@@ -31,7 +32,7 @@ def _check_num_data(num_data: Any, name: str) -> None:
 def sgld(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    temperature: float = 1.0,
+    temperature: optax.ScalarOrSchedule = 1.0,
     num_data: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic-gradient Langevin dynamics (Welling & Teh 2011), noise from `key`.
@@ -44,7 +45,12 @@ def sgld(
     `-(eps / 2) * num_data * g + sqrt(eps * temperature) * N(0, 1)`
 
     (the Langevin step on the posterior; `temperature = 1` samples the posterior,
-    `0` is plain SGD on `num_data * loss`). The noise is drawn from `key=`
+    `0` is plain SGD on `num_data * loss`). `eps` and `temperature` may each be
+    a number or an optax-style schedule of the step count (`t = 0` at the first
+    update), so cyclical SG-MCMC (cSG-MCMC, Zhang et al. 2020) is written with a
+    cyclical step size and a temperature that is 0 in each cycle's exploration
+    stage (noise-free optimisation) and 1 in its sampling stage. The noise is
+    drawn from `key=`
     (`eqx_rng.make_train_step` passes `derive(step_key, "optimizer")`), never from a
     seed in the state: chains differ and a resumed run draws what an uninterrupted
     one would. Use it alone, as the whole optimizer (it already applies the step
@@ -54,7 +60,10 @@ def sgld(
 
     - `learning_rate`: `eps`, a number `> 0` or an optax schedule of the step
         count (the paper decays it as `a * (b + t)**-gamma`).
-    - `temperature`: `>= 0`. (Keyword only argument.)
+    - `temperature`: A number `>= 0`, or a schedule of the step count whose
+        values are `>= 0` (traced, so not checked: a negative value gives NaN
+        noise). A constant schedule gives exactly the updates of the number.
+        (Keyword only argument.)
     - `num_data`: The training set size `N >= 1`; required. (Keyword only
         argument.)
 
@@ -65,8 +74,8 @@ def sgld(
     **Raises:**
 
     Here: `ValueError` for a missing or non-positive `num_data`, a negative
-    `temperature` or a non-positive `learning_rate`. In `update`: `ValueError` if
-    `key` is missing, `TypeError` if it is not one typed key.
+    `temperature` number or a non-positive `learning_rate` number. In `update`:
+    `ValueError` if `key` is missing, `TypeError` if it is not one typed key.
 
     !!! Example
 
@@ -78,15 +87,41 @@ def sgld(
         updates, state = opt.update(grads, state, params, key=jr.key(0))
         assert updates["theta"].shape == (2,)
         ```
+
+        cSG-MCMC: a cosine step size restarted every cycle, and temperature 0
+        (exploration, plain SGD) for the first 80% of each cycle, 1 (sampling)
+        after; keep samples from the sampling stages only.
+
+        ```python
+        cycle, explore, eps0 = 50, 0.8, 1e-3
+
+        def step_size(t):
+            r = (t % cycle) / cycle  # position in the cycle, in [0, 1)
+            return eps0 / 2 * (jnp.cos(jnp.pi * r) + 1)
+
+        def temperature(t):
+            return jnp.where((t % cycle) / cycle < explore, 0.0, 1.0)
+
+        opt = eqx_rng.optim.sgld(step_size, temperature=temperature, num_data=1000)
+        params = {"theta": jnp.zeros(2)}
+        state = opt.init(params)
+        grads = {"theta": jnp.ones(2)}
+        updates, state = opt.update(grads, state, params, key=jr.key(0))
+        # t = 0 explores: no noise, the SGD step -(eps0 / 2) * num_data * g
+        assert jnp.allclose(updates["theta"], -0.5 * eps0 * 1000 * grads["theta"])
+        for t in range(1, 45):  # into the sampling stage (t >= 40)
+            updates, state = opt.update(grads, state, params, key=jr.key(t))
+        assert not jnp.allclose(updates["theta"][0], updates["theta"][1])
+        ```
     """
     _check_num_data(num_data, "sgld")
     check_number(temperature, "sgld", "temperature")
     check_number(learning_rate, "sgld", "learning_rate", low=1e-300)
     n = float(num_data)  # pyright: ignore[reportArgumentType]
-    temp = float(temperature)
 
     def apply(updates: Any, state: Any, key: Any) -> tuple[Any, CountState]:
         eps = schedule_value(learning_rate, state.step)
+        temp = temperature_value(temperature, state.step)
         drift = jtu.tree_map(
             lambda g: (-0.5 * n) * eps * g.astype(jnp.float32), updates
         )
@@ -124,7 +159,7 @@ class PSGLDState(NamedTuple):
 def psgld(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    temperature: float = 1.0,
+    temperature: optax.ScalarOrSchedule = 1.0,
     num_data: int | None = None,
     decay: float = 0.99,
     eps: float = 1e-5,
@@ -148,7 +183,8 @@ def psgld(
     **Arguments:**
 
     - `learning_rate`: A number `> 0` or an optax schedule of the step count.
-    - `temperature`: `>= 0`. (Keyword only argument.)
+    - `temperature`: A number `>= 0` or a schedule of the step count, as in
+        `sgld`. (Keyword only argument.)
     - `num_data`: The training set size `N >= 1`; required. (Keyword only
         argument.)
     - `decay`: `alpha` of the paper, in `[0, 1)`. (Keyword only argument.)
@@ -184,7 +220,7 @@ def psgld(
             f"`eqx_rng.optim.psgld(decay=...)` must be < 1, got {decay!r}."
         )
     n = float(num_data)  # pyright: ignore[reportArgumentType]
-    temp, alpha, lam = float(temperature), float(decay), float(eps)
+    alpha, lam = float(decay), float(eps)
 
     def init(params: Any) -> PSGLDState:
         nu = jtu.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -192,6 +228,7 @@ def psgld(
 
     def apply(updates: Any, state: Any, key: Any) -> tuple[Any, PSGLDState]:
         lr = schedule_value(learning_rate, state.step)
+        temp = temperature_value(temperature, state.step)
         g32 = jtu.tree_map(lambda g: g.astype(jnp.float32), updates)
         nu = jtu.tree_map(lambda v, g: alpha * v + (1 - alpha) * g * g, state.nu, g32)
         precond = jtu.tree_map(lambda v: 1.0 / (lam + jnp.sqrt(v)), nu)
