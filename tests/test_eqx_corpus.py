@@ -34,6 +34,7 @@ from eqx_corpus._stateful import Stateful
 from eqx_corpus._vision import gan_scores
 
 import eqx_rng
+from eqx_rng import _jit_plan
 from eqx_rng._util import is_typed_key
 
 _BY_NAME = {c.name: c for c in CASES}
@@ -149,16 +150,23 @@ class _Counted:
 
 @pytest.fixture
 def fast_hits(monkeypatch):
-    """How many calls of `eqx_rng.jit` took the repeated-call fast path."""
+    """How many calls of `eqx_rng.jit` took the repeated-call path (the function
+    that `eqx_rng._jit_plan.Plan` writes per variant) and did not miss."""
     hits = [0]
-    dynamic = eqx_rng._jit._Plan.dynamic
+    init = _jit_plan.Plan.__init__
 
-    def counted(self, args):
-        out = dynamic(self, args)
-        hits[0] += out is not None
-        return out
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        fast = self.fast
 
-    monkeypatch.setattr(eqx_rng._jit._Plan, "dynamic", counted)
+        def counted(args, kw):
+            out = fast(args, kw)
+            hits[0] += out is not _jit_plan.MISS
+            return out
+
+        self.fast = counted
+
+    monkeypatch.setattr(_jit_plan.Plan, "__init__", counting_init)
     return hits
 
 
