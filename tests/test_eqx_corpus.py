@@ -189,15 +189,21 @@ def test_jit_matches_filter_jit_over_repeated_calls(case, fast_hits):
     ours_fn, ref_fn = _Counted(case.forward), _Counted(case.forward)
     ours, ref = eqx_rng.jit(ours_fn), eqx.filter_jit(ref_fn)
     xs = [_batch(case, t, 4)[0] for t in range(3)]
-    keys = [jr.key(100 + t) for t in range(8)]
+    keys = [jr.key(100 + t) for t in range(10)]
     state_ours = state_ref = state
 
-    def call(what, model, x, key, **kwargs):
+    def call(what, model, x, key, *, feed=True, by_keyword=False):
         nonlocal state_ours, state_ref
-        a = ours(*_args(case, model, state_ours, x, key), **kwargs)
-        b = ref(*_args(case, model, state_ref, x, key), **kwargs)
+        args_ours = _args(case, model, state_ours, x, key)
+        args_ref = _args(case, model, state_ref, x, key)
+        if by_keyword:
+            a = ours(*args_ours[:-1], key=key)
+            b = ref(*args_ref[:-1], key=key)
+        else:
+            a, b = ours(*args_ours), ref(*args_ref)
         assert _same(a, b), f"{case.name}: {what}"
-        state_ours, state_ref = _state_of(case, a), _state_of(case, b)
+        if feed:
+            state_ours, state_ref = _state_of(case, a), _state_of(case, b)
         return a
 
     first = call("first call", model, xs[0], keys[0])
@@ -206,19 +212,22 @@ def test_jit_matches_filter_jit_over_repeated_calls(case, fast_hits):
     if case.stateful:
         state_ours, state_ref = _bump(model, state_ours), _bump(model, state_ref)
         call("a State changed with State.set", model, xs[0], keys[3])
+    # An evaluation loop: the same State object (and Module) again and again.
+    call("the same State object", model, xs[1], keys[4], feed=False)
+    call("the same State object again", model, xs[2], keys[5], feed=False)
     scaled = call("a new Module of the same structure", _scaled(model), xs[0], keys[0])
     assert not _same(scaled, first), "the new Module's weights were not used"
-    call("the first Module again", model, xs[1], keys[4])
-    assert fast_hits[0] >= 4, fast_hits[0]
+    call("the first Module again", model, xs[1], keys[6])
+    assert fast_hits[0] >= 6, fast_hits[0]
     if case.name not in _RECOMPILED:
         assert ref_fn.traces == ours_fn.traces == 1
         return
-    call("a smaller batch (new shapes)", model, _batch(case, 0, 3)[0], keys[5])
-    call("the first shapes again", model, xs[2], keys[6])
-    x_kw = xs[0]
-    a = ours(*_args(case, model, state_ours, x_kw, None)[:-1], key=keys[7])
-    b = ref(*_args(case, model, state_ref, x_kw, None)[:-1], key=keys[7])
-    assert _same(a, b), f"{case.name}: the key passed by keyword"
+    call("a smaller batch (new shapes)", model, _batch(case, 0, 3)[0], keys[7])
+    call("the first shapes again", model, xs[2], keys[8])
+    hits = fast_hits[0]
+    call("the key by keyword", model, xs[0], keys[9], by_keyword=True)
+    call("the key by keyword again", model, xs[1], keys[0], by_keyword=True)
+    assert fast_hits[0] == hits + 1  # the second keyword call
     # One trace per shape; `eqx_rng.jit` also traces the keyword call as a variant
     # of its own (a documented difference: the same result).
     assert ref_fn.traces == 2 and ours_fn.traces == 3
@@ -417,14 +426,16 @@ def test_gan_states_as_separate_arguments():
     ours, ref = eqx_rng.jit(ours_fn), eqx.filter_jit(ref_fn)
     states_ours = states_ref = states
     calls = [
-        ("first call", gan, 4),
-        ("States fed back", gan, 4),
-        ("the discriminator's State changed with State.set", gan, 4),
-        ("a new GAN of the same structure", _scaled(gan), 4),
-        ("the first GAN again", gan, 4),
-        ("a smaller batch (new shapes)", gan, 3),
+        ("first call", gan, 4, True),
+        ("States fed back", gan, 4, True),
+        ("the discriminator's State changed with State.set", gan, 4, True),
+        ("the same State objects", gan, 4, False),
+        ("the same State objects again", gan, 4, True),
+        ("a new GAN of the same structure", _scaled(gan), 4, True),
+        ("the first GAN again", gan, 4, True),
+        ("a smaller batch (new shapes)", gan, 3, True),
     ]
-    for t, (what, model, n) in enumerate(calls):
+    for t, (what, model, n, feed) in enumerate(calls):
         if t == 2:
             states_ours = (states_ours[0], _bump(gan, states_ours[1]))
             states_ref = (states_ref[0], _bump(gan, states_ref[1]))
@@ -432,7 +443,8 @@ def test_gan_states_as_separate_arguments():
         a = ours(model, *states_ours, real, key)
         b = ref(model, *states_ref, real, key)
         assert _same(a, b), what
-        states_ours, states_ref = a[1:], b[1:]
+        if feed:
+            states_ours, states_ref = a[1:], b[1:]
     assert ours_fn.traces == ref_fn.traces == 2
     # The two States swapped: Equinox's own error, from both.
     real, key = _batch(case, 0, 4)[0], jr.key(0)
