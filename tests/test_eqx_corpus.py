@@ -291,7 +291,7 @@ def _reference_run(name: str) -> list[tuple]:
 
 # Donation on the models where it matters most (a State fed back, weights tied with
 # `eqx.nn.Shared`, non-array fields); the larger programs are left out for time.
-_DONATING = [c for c in CASES if c.name in ("stateful", "tied", "fields", "rnn")]
+_DONATING = [c for c in CASES if c.name in ("stateful", "tied", "fields")]
 
 
 @pytest.mark.parametrize("case", _DONATING, ids=lambda c: c.name)

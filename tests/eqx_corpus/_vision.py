@@ -88,7 +88,9 @@ register(
 # A DCGAN pair as in the deep convolutional GAN example (fewer layers, to keep the
 # compile short): a transposed convolution and BatchNorm in the generator, PReLU
 # and BatchNorm in the discriminator, each with its own `eqx.nn.State` built with
-# `eqx.nn.State(model)`.
+# `eqx.nn.State(model)`. `eqx.nn.PReLU`'s slope starts weakly typed and the first
+# updates make it (and Adam's moments) strongly typed, so a training loop traces its
+# step three times (steps 0, 1 and 2): the corpus covers those retraces too.
 
 LATENT = 4
 
