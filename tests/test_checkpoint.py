@@ -128,6 +128,34 @@ def test_weak_types_round_trip(tmp_path):
     assert back["weak"].aval.weak_type and not back["strong"].aval.weak_type
 
 
+def test_loaded_arrays_are_placed_as_like_places_them(tmp_path):
+    # An array JAX placed by default loads uncommitted, as a step's own outputs
+    # are (a committed copy would make a jitted step compile again on its first
+    # resumed call); one committed to a device with `device_put` loads committed
+    # to that device.
+    free = {"w": jnp.arange(3.0), "k": jr.key(0), "n": jnp.ones((), jnp.int32)}
+    pinned = jax.device_put(free, jax.devices()[0])
+    eqx_rng.save(tmp_path / "a.eqx", free)
+    for like, committed in ((free, False), (pinned, True)):
+        got = eqx_rng.load(tmp_path / "a.eqx", like)
+        assert [x.committed for x in jax.tree.leaves(got)] == [committed] * 3
+        assert _bits_equal(got, free)
+    step = jax.jit(lambda t: jax.tree.map(lambda x: x, t))
+    step(free)
+    compiles = []
+
+    def listener(event: str, duration_secs: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        jax.block_until_ready(step(eqx_rng.load(tmp_path / "a.eqx", free)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
 def test_load_into_shape_dtype_structs(tmp_path):
     tree = _mixed_tree()
     eqx_rng.save(tmp_path / "a", tree)

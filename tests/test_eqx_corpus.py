@@ -531,13 +531,6 @@ def test_method_decorated_as_in_equinox_tests(name):
     assert traces.count("call") == traces.count("method") == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`eqx_rng.load` places each array with the sharding of `like`'s leaf, "
-    "which commits it to a device; the step's own outputs are uncommitted and "
-    "`jax.jit` keys its cache on that, so the first step after a load compiles "
-    "the step again (0.3-6 s per model here)",
-)
 def test_first_step_after_load_reuses_the_compiled_step(tmp_path):
     case = _BY_NAME["tied"]
     model, _ = _built("tied")

@@ -177,8 +177,11 @@ def restore_leaf(
     if isinstance(like, np.generic):
         return read_block(full)[()].copy()
     sharding = getattr(like, "sharding", None)
-    if sharding is not None:
+    if sharding is not None and getattr(like, "committed", True):
         return place(path, record, like, sharding, read_block)
+    # An array that JAX placed by default (not committed to a device by
+    # `device_put` or a sharding) is loaded the same way: a committed copy would
+    # make a jitted step compile again for its first resumed call.
     # `device_put` of an aligned NumPy array on CPU uses its memory in place.
     value = jax.device_put(read_block(full))
     if "key_impl" in record:
