@@ -379,13 +379,13 @@ def test_ensemble_matches_chains_built_one_by_one(case):
 # make_train_step against the hand-written step; checkpoints
 
 
-# Cases that also take a step from the loaded TrainState. That step compiles again
-# (the loaded arrays are committed to a device, the step's outputs are not, and
-# `jax.jit` keys its cache on it), so two cases only: a State and tied weights.
-_RESUMED = ("stateful", "tied")
+# The GAN is left out of training (its two States are covered by the `jit` tests
+# above): Equinox's PReLU slope starts weakly typed, so any training loop traces
+# its step three times (steps 0, 1, 2), ~12 s of this file's time.
+_TRAINED = [c for c in CASES if c.name != "gan"]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", _TRAINED, ids=lambda c: c.name)
 def test_train_step_matches_hand_written_step_and_checkpoints(case, tmp_path):
     model, state = _built(case.name)
     ts = eqx_rng.TrainState.create(model, _OPTIMIZER, key=1, state=state)
@@ -405,8 +405,8 @@ def test_train_step_matches_hand_written_step_and_checkpoints(case, tmp_path):
     eqx_rng.save(path, ts)
     loaded = eqx_rng.load(path, ts)
     assert _same(loaded, ts)
-    if case.name not in _RESUMED:
-        return
+    # A step from the loaded TrainState reuses the compiled step (the loaded
+    # arrays are placed as the step's outputs are) and continues bitwise.
     batch = _batch(case, _STEPS, 4)
     resumed, resumed_metrics = step(loaded, batch)
     straight, straight_metrics = step(ts, batch)
