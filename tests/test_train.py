@@ -688,7 +688,7 @@ def test_returned_train_state_is_rebuilt_bitwise_as_unflattening_does():
         assert jax.tree.structure(ts_fast) == jax.tree.structure(ts_ref)
         # Fields are ordinary Modules: updating one is plain Equinox.
         assert isinstance(ts_fast.model.mlp.layers[0], eqx.nn.Linear)
-    assert step._fast is not None  # the written repeated-call path was taken
+    assert step._fast is not None  # type: ignore[attr-defined]  # the written path
     bumped = eqx.tree_at(lambda ts: ts.model.drop, ts_fast, eqx_rng.nn.Dropout(0.2))
     ts_fast, _ = step(bumped, _batch(3))
     ts_ref, _ = reference(
@@ -696,3 +696,39 @@ def test_returned_train_state_is_rebuilt_bitwise_as_unflattening_does():
         _batch(3),
     )
     assert _bits_equal(ts_fast, ts_ref) and _outline(ts_fast) == _outline(ts_ref)
+
+
+def test_weakly_typed_parameters_are_typed_once_at_create():
+    # `eqx.nn.PReLU`'s slope starts weakly typed; the first update returns it
+    # strongly typed, so a step built on the raw model was traced three times.
+    # `TrainState.create` types trained leaves at the start: one trace, and the
+    # same float32 numbers as training the weakly typed model.
+    class Net(eqx.Module):
+        linear: eqx.nn.Linear
+        act: eqx.nn.PReLU
+
+        def __call__(self, x):
+            return self.act(self.linear(x))
+
+    model = Net(eqx.nn.Linear(D, 1, key=jr.key(0)), eqx.nn.PReLU())
+    assert model.act.negative_slope.aval.weak_type
+    traces = []
+
+    def loss_fn(model, state, batch, *, key):
+        traces.append(1)
+        x, y = batch
+        return jnp.mean((jax.vmap(model)(x) - y) ** 2), (state, {})
+
+    opt = optax.adam(1e-2)
+    ts = eqx_rng.TrainState.create(model, opt, key=1)
+    weak = [x for x in jax.tree.leaves(ts) if eqx.is_array(x) and x.aval.weak_type]
+    assert weak == []
+    step = eqx_rng.make_train_step(loss_fn, opt)
+    raw = eqx_rng.TrainState(model, None, opt.init(model), ts.key, ts.step)  # type: ignore[arg-type]
+    raw_step = eqx.filter_jit(eqx_rng.make_train_step(loss_fn, opt))
+    for t in range(3):
+        ts, metrics = step(ts, _batch(t))
+        raw, raw_metrics = raw_step(raw, _batch(t))
+        assert _bits_equal(ts.model, raw.model)
+        assert _bits_equal(metrics["loss"], raw_metrics["loss"])
+    assert len(traces) == 1 + 3  # one for `step`; the raw model's step: three

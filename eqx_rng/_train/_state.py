@@ -14,7 +14,7 @@ from .._custom_types import Key, KeyGrid, _legacy_key_message
 from .._keys import as_key
 from .._typecheck import typecheck, typecheck_enabled
 from .._util import describe, is_legacy_key, is_typed_key
-from ._trainable import init_opt_state
+from ._trainable import init_opt_state, split_trainable
 
 _getattr = object.__getattribute__
 
@@ -123,7 +123,10 @@ class TrainState(eqx.Module):
 
         The model's and the state's arrays are copied, so a step that donates its
         input buffers (`make_train_step(..., donate=True)`) never deletes the arrays
-        of the `model` passed in here.
+        of the `model` passed in here. Trained leaves that are weakly typed (the
+        slope of `eqx.nn.PReLU`, a parameter made from a Python float) are made
+        strongly typed, as the first update would make them: the step is then
+        compiled once, not again for its second and third calls.
 
         **Arguments:**
 
@@ -169,7 +172,7 @@ class TrainState(eqx.Module):
             ```
         """
         key = as_key(key)
-        model = _copy_arrays(model)
+        model = _strong_trained(_copy_arrays(model), trainable)
         state = _copy_arrays(state)
         opt_state = init_opt_state(optimizer, model, trainable)
         return cls(
@@ -233,6 +236,23 @@ def _check_fields(model: Any, state: Any, opt_state: Any, key: Any, step: Any) -
                 f"`{call}` got an `eqx.nn.State` as `{name}`; it belongs in `state` "
                 f"(the fields are in the order model, state, opt_state, key, step)."
             )
+
+
+def _strong_trained(model: Any, trainable: Any) -> Any:
+    """`model` with its trained leaves strongly typed. A parameter that starts
+    weakly typed (`eqx.nn.PReLU`'s slope, a parameter made from a Python float)
+    comes out of the first update strongly typed, so the step would be traced
+    again for its second and third calls; typing it now keeps one program from
+    step 0 on (float32 values are the same either way)."""
+    params, rest = split_trainable(model, trainable)
+    params = jtu.tree_map(_strong, params)
+    return eqx.combine(params, rest)
+
+
+def _strong(x: Any) -> Any:
+    if isinstance(x, jax.Array) and x.aval.weak_type:  # type: ignore[attr-defined]
+        return jnp.asarray(x, dtype=x.dtype)
+    return x
 
 
 def _copy_arrays(tree: Any) -> Any:
