@@ -380,8 +380,9 @@ def test_ensemble_matches_chains_built_one_by_one(case):
 
 
 # The GAN is left out of training (its two States are covered by the `jit` tests
-# above): Equinox's PReLU slope starts weakly typed, so any training loop traces
-# its step three times (steps 0, 1, 2), ~12 s of this file's time.
+# above): Equinox's PReLU slope starts weakly typed, so the hand-written reference
+# step traces three times (steps 0, 1, 2), ~12 s of this file's time.
+# (`TrainState.create` types it at the start: `test_train.py` tests that.)
 _TRAINED = [c for c in CASES if c.name != "gan"]
 
 
