@@ -88,7 +88,9 @@ _RESULTS: dict = {}
 def _results() -> dict:
     if not _RESULTS:
         env = dict(os.environ)
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        # Keeps the suite's XLA_FLAGS (conftest.py: faster compiles) and adds devices.
+        flags = [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+        env["XLA_FLAGS"] = " ".join(filter(None, flags))
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO), *filter(None, [env.get("PYTHONPATH")])]
         )

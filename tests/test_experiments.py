@@ -33,7 +33,12 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env.pop("XLA_FLAGS", None)
+    # No device-count or other flags from the caller's XLA_FLAGS; the suite's
+    # faster-compile flag (conftest.py) is kept.
+    flags = env.pop("XLA_FLAGS", "").split()
+    flags = [f for f in flags if f.startswith("--xla_cpu_use_fusion_emitters")]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
     # The digits runs (straight, stopped, resumed) compile the same programs: JAX's
     # persistent cache, one per test process, compiles each once.
     env["JAX_COMPILATION_CACHE_DIR"] = str(_compile_cache())
