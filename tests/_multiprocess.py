@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import REPO
+from helpers import REPO, xla_flags_with_devices
 
 
 def _free_port() -> int:
@@ -29,7 +29,7 @@ def run_processes(
     report as its last line. Returns the reports; fails with each process's output
     when one fails (or when any outlives `timeout` seconds)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags_with_devices(devices)
     address = f"127.0.0.1:{_free_port()}"
     procs, logs = [], []
     for i in range(processes):

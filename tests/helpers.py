@@ -39,6 +39,15 @@ def var_tol(var: float, n: int) -> float:
     return 5 * var * math.sqrt(2 / (n - 1))
 
 
+def xla_flags_with_devices(devices: int) -> str:
+    """`XLA_FLAGS` for a subprocess with `devices` CPU devices: this process's flags
+    (the suite's faster-compile flag, see conftest.py) with any device count
+    replaced."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device")]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+
+
 def run_python(
     code: str,
     *,
@@ -53,7 +62,7 @@ def run_python(
     full_env = dict(os.environ)
     full_env["JAX_PLATFORMS"] = "cpu"
     if devices is not None:
-        full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        full_env["XLA_FLAGS"] = xla_flags_with_devices(devices)
     full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, "-c", code],

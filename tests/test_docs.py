@@ -87,10 +87,10 @@ _RESULTS: dict = {}
 
 def _results() -> dict:
     if not _RESULTS:
+        from helpers import xla_flags_with_devices  # not in the runner process
+
         env = dict(os.environ)
-        # Keeps the suite's XLA_FLAGS (conftest.py: faster compiles) and adds devices.
-        flags = [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
-        env["XLA_FLAGS"] = " ".join(filter(None, flags))
+        env["XLA_FLAGS"] = xla_flags_with_devices(8)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO), *filter(None, [env.get("PYTHONPATH")])]
         )
