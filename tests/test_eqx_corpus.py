@@ -66,6 +66,32 @@ def _same(a: Any, b: Any) -> bool:
     return True
 
 
+def _close(a: Any, b: Any, steps: int) -> bool:
+    """As `_same`, except that floating arrays may differ by float32 rounding
+    accumulated over `steps` optimizer steps: `8 * steps` units of float32 epsilon,
+    relative to the value (absolute below 1). Two different programs computing the
+    same maths (eqx_rng's step and the hand-written one) are fused differently by
+    XLA, and the test suite's compile settings (older fusion emitters) make them
+    round differently in the last bits; a wrong key or gradient moves a parameter
+    by the learning rate, 1e-2, five orders of magnitude more."""
+    la, ta = jtu.tree_flatten(a)
+    lb, tb = jtu.tree_flatten(b)
+    if ta != tb:
+        return False
+    tol = 8 * steps * float(jnp.finfo(jnp.float32).eps)
+    for x, y in zip(la, lb, strict=True):
+        if not (eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)):
+            if not _same(x, y):
+                return False
+            continue
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        if not np.all(np.abs(x - y) <= tol * np.maximum(1.0, np.abs(y))):
+            return False
+    return True
+
+
 @eqx.filter_jit
 def _copy(tree: Any) -> Any:
     """New buffers for every array (for calls that donate their arguments)."""
@@ -395,10 +421,11 @@ def test_train_step_matches_hand_written_step_and_checkpoints(case, tmp_path):
         _reference_run(case.name)
     ):
         ts, metrics = step(ts, _batch(case, t, 4))
-        assert _same(ts.model, ref_model), f"{case.name}: model after step {t}"
-        assert _same(ts.state, ref_state), f"{case.name}: state after step {t}"
-        assert _same(ts.opt_state, ref_opt), f"{case.name}: Adam after step {t}"
-        assert _same(metrics["loss"], ref_loss)
+        n = t + 1
+        assert _close(ts.model, ref_model, n), f"{case.name}: model after step {t}"
+        assert _close(ts.state, ref_state, n), f"{case.name}: state after step {t}"
+        assert _close(ts.opt_state, ref_opt, n), f"{case.name}: Adam after step {t}"
+        assert _close(metrics["loss"], ref_loss, n)
         assert bool(metrics["finite"])
     assert int(ts.step) == _STEPS
 
