@@ -197,7 +197,7 @@ jtu.register_pytree_node(Outputs, lambda o: ((), o), lambda o, _: o)
 _SLOW_NODES = (eqx.Module, eqx.nn.State)
 
 
-def _has_module(tree: Any) -> bool:
+def _has_slow_node(tree: Any) -> bool:
     """Whether `tree` holds a Module or an `eqx.nn.State`: nodes that `jit`'s own
     unflattening rebuilds through a Python callback each, slower than
     `Split.rebuild`."""
@@ -339,7 +339,9 @@ class Dispatcher:
             # A Module comes back faster through `Split.rebuild` than through
             # `jit`'s own unflattening (Equinox's per-Module callback).
             direct = tuple(
-                i not in flat_outputs and s.get_dynamic is None and not _has_module(p)
+                i not in flat_outputs
+                and s.get_dynamic is None
+                and not _has_slow_node(p)
                 for i, (s, p) in enumerate(zip(out_splits, parts, strict=True))
             )
             dyn = [

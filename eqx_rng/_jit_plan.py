@@ -4,7 +4,7 @@ A call that repeats the last one's pattern (the same numbers of positional and
 keyword arguments) is checked position by position against what came last time (a
 concrete array, an `eqx.nn.State`, any other pytree), and `_PlanWriter` writes the
 checks, the call of the compiled program and the output's rebuild as one
-straight-line function, `_Plan.fast`. It returns `MISS` when the arguments may not
+straight-line function, `Plan.fast`. It returns `MISS` when the arguments may not
 fit the variant; the caller then takes the general path (`_jit.py`).
 """
 
@@ -17,24 +17,13 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from ._dispatch import Dispatcher, Entry, Split
+from ._rebuild import frozen
 
 UNUSED_DONATION = "Some donated buffers were not usable*"
 _NO_LEAVES: list = []
 _State = eqx.nn.State
-# Kinds of argument position in a `_Plan`.
+# Kinds of argument position in a `Plan`.
 _ARRAY, _STATE, _TREE = 0, 1, 2
-
-
-def _not_frozen_node(x: Any) -> bool:
-    return not (x is None or isinstance(x, eqx.Module | tuple))
-
-
-def frozen(tree: Any) -> bool:
-    """Whether every container node of `tree` is immutable (Modules, tuples), so
-    that an unchanged object identity means unchanged leaves. A list or dict inside
-    could be changed in place."""
-    parts = jtu.tree_leaves(tree, is_leaf=_not_frozen_node)
-    return all(jtu.treedef_is_leaf(jtu.tree_structure(x)) for x in parts)
 
 
 def _state_dict(x: Any) -> dict | None:
@@ -47,7 +36,7 @@ def _state_dict(x: Any) -> dict | None:
 
 
 class _Slot:
-    """One positional argument of a `_Plan`: its kind and split; for a State, its
+    """One positional argument of a `Plan`: its kind and split; for a State, its
     keys and the structure of its values; for a Module, the object seen last
     (`ref`), whether its containers are all immutable (`frozen`, checked when the
     same object comes a second time) and its dynamic leaves."""
@@ -157,6 +146,10 @@ class Plan:
         silence: bool,
     ):
         self.n, self.nk = len(args), len(kwargs)
+        keywords = _keywords(e.splits[-1], kwargs)
+        if keywords is None:
+            self.fast = _never
+            return
         concrete = d.concrete
         slots: list[_Slot] = []
         for x, split in zip(args, e.splits[1:-1], strict=True):
@@ -173,10 +166,6 @@ class Plan:
                 slot = _Slot(_TREE, split)
                 slot.tree(x, concrete)
             slots.append(slot)
-        keywords = _keywords(e.splits[-1], kwargs)
-        if keywords is None:
-            self.fast = _never
-            return
         writer = _PlanWriter(d, e, e.splits[0].dynamic(flat[0][0]))
         self.fast = writer.write(slots, keywords, silence)
 
@@ -215,7 +204,7 @@ MISS = object()
 
 
 class _PlanWriter:
-    """Writes `_Plan.fast` as one straight-line function: per argument position the
+    """Writes `Plan.fast` as one straight-line function: per argument position the
     check that it fits (a concrete array's type; a Module's identity, else its
     flattened form; a State's keys and the layout of its values), then the call of
     the compiled variant and the output's rebuild. A loop over positions with a
@@ -243,17 +232,18 @@ class _PlanWriter:
         if slot.kind is _ARRAY:
             add(f"if type(x{i}) not in concrete: return MISS")
             return f"[x{i}]"
-        if slot.kind is _STATE and slot.layout:
-            return self._state(i, slot)
-        call = "state" if slot.kind is _STATE else "tree"
-        if slot.kind is _TREE:
-            add(f"if s{i}.frozen and s{i}.ref() is x{i}: d{i} = s{i}.dyn")
-            add("else:")
-            add(f"    d{i} = s{i}.tree(x{i}, concrete)")
-            add(f"    if d{i} is None: return MISS")
-        else:
-            add(f"d{i} = s{i}.{call}(x{i}, concrete)")
+        if slot.kind is _STATE:
+            if slot.layout:
+                return self._state(i, slot)
+            add(f"d{i} = s{i}.state(x{i}, concrete)")
             add(f"if d{i} is None: return MISS")
+            return f"d{i}"
+        # A Module seen last call is not flattened again (`_Slot.tree` does the
+        # same test; written out here to save the call).
+        add(f"if s{i}.frozen and s{i}.ref() is x{i}: d{i} = s{i}.dyn")
+        add("else:")
+        add(f"    d{i} = s{i}.tree(x{i}, concrete)")
+        add(f"    if d{i} is None: return MISS")
         return f"d{i}"
 
     def _state(self, i: int, slot: _Slot) -> str:

@@ -47,12 +47,19 @@ def _is_frozen_static(x: Any) -> bool:
     one object can stand for it in every rebuilt tree."""
     if any(leaf is DYNAMIC for leaf in jtu.tree_leaves(x)):
         return False
-    parts = jtu.tree_leaves(x, is_leaf=lambda y: not _frozen_node(y))
-    return all(jtu.treedef_is_leaf(jtu.tree_structure(p)) for p in parts)
+    return frozen(x)
 
 
-def _frozen_node(x: Any) -> bool:
-    return x is None or isinstance(x, eqx.Module | tuple)
+def _not_frozen_node(x: Any) -> bool:
+    return not (x is None or isinstance(x, eqx.Module | tuple))
+
+
+def frozen(tree: Any) -> bool:
+    """Whether every container node of `tree` is immutable (Modules, tuples,
+    `None`), so that an unchanged object identity means unchanged leaves. A list or
+    dict inside could be changed in place."""
+    parts = jtu.tree_leaves(tree, is_leaf=_not_frozen_node)
+    return all(jtu.treedef_is_leaf(jtu.tree_structure(x)) for x in parts)
 
 
 def _one_level(x: Any) -> tuple[list, Any]:

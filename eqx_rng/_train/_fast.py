@@ -9,6 +9,7 @@ build the new `TrainState` with the output's rebuild (`_rebuild.py`) written inl
 any work is done, and the caller takes the general path.
 """
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +21,8 @@ from ._state import TrainState
 
 MISS = object()
 
-# The TrainState's fields, in the order `new_train_state` and Equinox store them.
-_FIELDS = ("model", "state", "opt_state", "key", "step")
+# The TrainState's fields, in the order Equinox (and `new_train_state`) store them.
+_FIELDS = tuple(f.name for f in dataclasses.fields(TrainState))
 
 
 def write_fast_step(
